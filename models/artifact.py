@@ -1,0 +1,137 @@
+"""The versioned model artifact: a directory holding `manifest.json`, `model.ts` and `model.onnx`.
+
+The manifest is the contract between export and every consumer (service, batch job, evaluation):
+labels, preprocessing, embedding size, metrics, parity figures, library versions and the sha256 of
+every file. `load_artifact` refuses an artifact whose files do not match their hashes or whose format
+version this code does not read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.preprocessing import Preprocessing
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TORCHSCRIPT_FILE = "model.ts"
+ONNX_FILE = "model.onnx"
+
+
+class ArtifactError(RuntimeError):
+    """The artifact is missing, tampered with, or of a format this code cannot read."""
+
+
+class ParityReport(BaseModel):
+    """How closely the exported forms reproduce the eager PyTorch model on real preprocessed images."""
+
+    images: int
+    torchscript_max_abs_logits: float
+    torchscript_max_abs_embedding: float
+    onnx_max_abs_logits: float
+    onnx_max_abs_embedding: float
+    top1_agreement: float = Field(description="Fraction of images where every form gives the same top-1.")
+    tolerance: float
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    format_version: int = FORMAT_VERSION
+    name: str
+    version: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    backbone: str
+    labels: list[str]
+    preprocessing: Preprocessing
+    embedding_dim: int
+    metrics: dict[str, float] = Field(default_factory=dict)
+    parity: ParityReport
+    onnx_opset: int
+    files: dict[str, str] = Field(description="sha256 of every file in the artifact, by file name.")
+    library_versions: dict[str, str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+class Artifact(BaseModel):
+    """A verified artifact on disk."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def torchscript_path(self) -> Path:
+        return self.path / TORCHSCRIPT_FILE
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_FILE
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    path = directory / MANIFEST_FILE
+    path.write_text(manifest.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not a model artifact: {MANIFEST_FILE} is missing")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: artifact format version {version!r} is not supported (this code reads version {FORMAT_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactError(f"{path} does not match the manifest schema: {exc}") from None
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    for required in (TORCHSCRIPT_FILE, ONNX_FILE):
+        if required not in manifest.files:
+            raise ArtifactError(f"{directory}: manifest lists no hash for {required}")
+    for name, expected in manifest.files.items():
+        if Path(name).name != name:
+            raise ArtifactError(f"{directory}: manifest names a file outside the artifact: {name!r}")
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{directory}: {name} is listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"{directory}: {name} does not match its manifest hash (expected {expected[:12]}…, "
+                f"found {actual[:12]}…); the artifact was modified or corrupted and is refused"
+            )
+
+
+def load_artifact(directory: str | Path) -> Artifact:
+    """Read and verify an artifact directory; raises ArtifactError on any mismatch."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory not found: {directory}")
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    return Artifact(path=directory, manifest=manifest)

@@ -1,0 +1,78 @@
+"""Images in, probabilities and embeddings out: preprocessing + runtime + labels, for the service and the job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from models.artifact import Manifest, load_artifact
+from models.preprocessing import preprocess_batch
+from models.runtimes import DeviceName, Precision, Runtime, RuntimeName, load_runtime
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    probabilities: np.ndarray  # (N, num_classes) float32
+    embeddings: np.ndarray  # (N, embedding_dim) float32
+
+
+@dataclass(frozen=True)
+class TopK:
+    labels: list[str]
+    probabilities: list[float]
+
+
+class Predictor:
+    """One loaded artifact ready for inference: `predict(images)` runs one forward pass for the batch."""
+
+    def __init__(self, manifest: Manifest, runtime: Runtime) -> None:
+        self.manifest = manifest
+        self.runtime = runtime
+
+    @classmethod
+    def from_artifact(
+        cls,
+        path: str | Path,
+        runtime: RuntimeName = "auto",
+        device: DeviceName = "auto",
+        precision: Precision = "fp32",
+    ) -> "Predictor":
+        artifact = load_artifact(path)
+        return cls(artifact.manifest, load_runtime(artifact, runtime, device, precision))
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest.labels
+
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return preprocess_batch(images, self.manifest.preprocessing)
+
+    def predict_batch(self, batch: np.ndarray) -> Outputs:
+        logits, embeddings = self.runtime(batch)
+        return Outputs(probabilities=softmax(logits.astype(np.float32)), embeddings=embeddings.astype(np.float32))
+
+    def predict(self, images: Sequence[Image.Image]) -> Outputs:
+        return self.predict_batch(self.preprocess(images))
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[TopK]:
+        k = max(1, min(k, len(self.labels)))
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        return [
+            TopK(labels=[self.labels[i] for i in row], probabilities=[float(p[i]) for i in row])
+            for row, p in zip(order, probabilities)
+        ]

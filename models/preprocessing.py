@@ -1,0 +1,133 @@
+"""The one preprocessing definition shared by training, export, the service and the batch job.
+
+`Preprocessing` is plain data (it is stored in every artifact's manifest); the functions below turn it
+into the transforms that training and inference use, so no other module resizes or normalises images.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+from torchvision.transforms import v2 as T
+
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Images above this many pixels are refused before decoding (decompression-bomb guard)."""
+
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+
+
+class ImageDecodeError(ValueError):
+    """An input could not be turned into an RGB image; the message names the reason."""
+
+
+class Preprocessing(BaseModel):
+    """How raw images become the network's input tensor."""
+
+    model_config = ConfigDict(frozen=True)
+
+    image_size: int = Field(gt=0, description="Side of the square network input, in pixels.")
+    resize: Literal["squash", "shorter_side_crop"] = Field(
+        description="'squash': resize straight to image_size x image_size; "
+        "'shorter_side_crop': resize the shorter side to image_size / crop_pct, then center-crop."
+    )
+    crop_pct: float = Field(default=1.0, gt=0, le=1)
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def with_image_size(self, image_size: int) -> "Preprocessing":
+        return self.model_copy(update={"image_size": image_size})
+
+
+def _interpolation(p: Preprocessing) -> T.InterpolationMode:
+    return T.InterpolationMode.BICUBIC if p.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+
+
+def _to_normalized_tensor(p: Preprocessing) -> list[T.Transform]:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(p.mean), list(p.std))]
+
+
+def eval_transform(p: Preprocessing) -> T.Compose:
+    """Deterministic PIL image -> float32 CHW tensor used for validation, export and inference."""
+    interpolation = _interpolation(p)
+    if p.resize == "squash":
+        geometry: list[T.Transform] = [T.Resize((p.image_size, p.image_size), interpolation=interpolation)]
+    else:
+        resize_size = int(round(p.image_size / p.crop_pct))
+        geometry = [T.Resize(resize_size, interpolation=interpolation), T.CenterCrop(p.image_size)]
+    return T.Compose(geometry + _to_normalized_tensor(p))
+
+
+def train_transform(p: Preprocessing, horizontal_flip: bool = True, min_scale: float = 0.5) -> T.Compose:
+    """Training augmentation: random resized crop (and optional flip) around the same normalisation."""
+    augment: list[T.Transform] = [
+        T.RandomResizedCrop(p.image_size, scale=(min_scale, 1.0), interpolation=_interpolation(p), antialias=True)
+    ]
+    if horizontal_flip:
+        augment.append(T.RandomHorizontalFlip())
+    return T.Compose(augment + _to_normalized_tensor(p))
+
+
+def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode bytes or a file into an RGB PIL image, or raise ImageDecodeError saying why.
+
+    The pixel limit is checked from the header, before any pixel is decoded. EXIF orientation is applied,
+    grayscale/CMYK/palette images are converted, and transparency is composited onto white. Multi-frame
+    images (animated GIF, multi-page TIFF) use their first frame.
+    """
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageDecodeError("empty file: zero bytes received")
+        stream: io.BytesIO | Path = io.BytesIO(source)
+    else:
+        stream = Path(source)
+    try:
+        with Image.open(stream) as image:
+            if image.format not in SUPPORTED_FORMATS:
+                raise ImageDecodeError(f"unsupported image format {image.format!r}")
+            width, height = image.size
+            if width == 0 or height == 0:
+                raise ImageDecodeError(f"zero-size image ({width}x{height})")
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+                )
+            image.seek(0)
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image: the bytes match no supported image format") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"decompression bomb refused: {exc}") from None
+    except FileNotFoundError:
+        raise ImageDecodeError(f"file not found: {source}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess_batch(images: Sequence[Image.Image], p: Preprocessing) -> np.ndarray:
+    """RGB PIL images -> contiguous float32 NCHW array ready for any runtime."""
+    transform = eval_transform(p)
+    if not images:
+        return np.zeros((0, 3, p.image_size, p.image_size), dtype=np.float32)
+    return torch.stack([transform(image) for image in images]).numpy()

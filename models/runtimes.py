@@ -1,0 +1,107 @@
+"""Inference runtimes for an exported artifact: TorchScript and ONNX Runtime.
+
+Both take a float32 NCHW batch (from `models.preprocessing.preprocess_batch`) and return float32
+`(logits, embedding)` arrays, so the service and the batch job can switch runtime by configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from models.artifact import Artifact
+
+logger = logging.getLogger(__name__)
+
+RuntimeName = Literal["auto", "onnx", "torchscript"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+class Runtime(Protocol):
+    name: str
+    device: str
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def describe(self) -> dict[str, str]: ...
+
+
+def resolve_device(device: DeviceName) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for, but no CUDA GPU is available")
+    return device
+
+
+def default_runtime(device: str) -> Literal["onnx", "torchscript"]:
+    """The fastest runtime measured on each device (docs/BENCHMARKS.md): ONNX Runtime on CPU."""
+    return "onnx" if device == "cpu" else "torchscript"
+
+
+class TorchScriptRuntime:
+    name = "torchscript"
+
+    def __init__(self, artifact: Artifact, device: str = "cpu", precision: Precision = "fp32") -> None:
+        self.device = device
+        self.precision = precision
+        module = torch.jit.load(str(artifact.torchscript_path), map_location=device).eval()
+        self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        if self._dtype is not torch.float32:
+            module = module.to(self._dtype)
+        self._module = torch.jit.freeze(module) if device == "cpu" and precision == "fp32" else module
+
+    @torch.inference_mode()
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        inputs = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, self._dtype, non_blocking=True)
+        logits, embedding = self._module(inputs)
+        return logits.float().cpu().numpy(), embedding.float().cpu().numpy()
+
+    def describe(self) -> dict[str, str]:
+        return {"runtime": self.name, "device": self.device, "precision": self.precision}
+
+
+class OnnxRuntime:
+    name = "onnx"
+
+    def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.device = device
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        available = set(ort.get_available_providers())
+        providers = [p for p in wanted if p in available]
+        self._session = ort.InferenceSession(str(artifact.onnx_path), options, providers=providers)
+        self.providers = self._session.get_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            logger.warning("ONNX Runtime has no CUDA provider here; running on %s", self.providers)
+            self.device = "cpu"
+        logger.info("ONNX Runtime providers in use: %s", self.providers)
+        self._input = self._session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, embedding = self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
+        return logits, embedding
+
+    def describe(self) -> dict[str, str]:
+        return {"runtime": self.name, "device": self.device, "providers": ",".join(self.providers)}
+
+
+def load_runtime(
+    artifact: Artifact, runtime: RuntimeName = "auto", device: DeviceName = "auto", precision: Precision = "fp32"
+) -> Runtime:
+    resolved_device = resolve_device(device)
+    kind = default_runtime(resolved_device) if runtime == "auto" else runtime
+    if kind == "onnx":
+        if precision != "fp32":
+            raise ValueError("reduced precision is offered by the torchscript runtime only")
+        return OnnxRuntime(artifact, resolved_device)
+    return TorchScriptRuntime(artifact, resolved_device, precision)

@@ -1,0 +1,215 @@
+"""`transfer-serve`: the command line for every step of the product (train, evaluate, export, serve, extract)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from pydantic import ValidationError
+
+# TorchScript is one of the artifact's two required forms; torch's deprecation notice for it is noise here.
+warnings.filterwarnings("ignore", message="`torch.jit", category=FutureWarning)
+
+app = typer.Typer(
+    help="Fine-tune an ImageNet backbone on your images, export it, serve it and run it in batch jobs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+DEFAULT_DEMO_DIR = Path("demo")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Turn the product's own errors into one clear line and a non-zero exit instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from models.artifact import ArtifactError
+        from models.preprocessing import ImageDecodeError
+        from models.registry import UnknownBackboneError, WeightsError
+        from training.data import DataError
+        from training.export import ParityError
+
+        try:
+            return command(*args, **kwargs)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            _fail(f"invalid option: {problems}")
+        except (ArtifactError, DataError, ImageDecodeError, WeightsError, ParityError, FileExistsError) as exc:
+            _fail(str(exc))
+        except UnknownBackboneError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; finished epochs are kept in the checkpoint (continue with --resume)", 130)
+
+    return wrapper
+
+
+@app.command("demo-data")
+@friendly_errors
+def demo_data(output: Path = typer.Argument(DEFAULT_DEMO_DIR / "digits", help="Folder to write the images into.")) -> None:
+    """Write scikit-learn's digits as an image folder (one sub-folder per class): the embedded demo data."""
+    from training.demo_data import write_digits_folder
+
+    count = write_digits_folder(output)
+    typer.echo(f"wrote {count} images to {output}")
+
+
+@app.command()
+@friendly_errors
+def train(
+    data: Path = typer.Option(..., "--data", help="Image folder (one sub-folder per class) or CSV manifest."),
+    output: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<data name>)."),
+    backbone: str = typer.Option("efficientnet_lite0", help="Backbone name (see `transfer-serve backbones`)."),
+    weights: str = typer.Option("imagenet", help="'imagenet', 'none' (random init) or a state-dict file."),
+    strategy: str = typer.Option("discriminative", help="linear-probe | finetune | discriminative | gradual."),
+    epochs: int = typer.Option(8),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(1e-3, help="Head learning rate (lower layer groups get less)."),
+    optimizer: str = typer.Option("adamw", help="adamw | sgd."),
+    schedule: str = typer.Option("cosine", help="cosine | onecycle."),
+    label_smoothing: float = typer.Option(0.1),
+    image_size: Optional[int] = typer.Option(None, help="Input side in pixels (default: the backbone's)."),
+    horizontal_flip: bool = typer.Option(True, help="Random horizontal flips (turn off for text, digits...)."),
+    patience: int = typer.Option(3, help="Early stopping: epochs without validation improvement."),
+    workers: int = typer.Option(2, help="Image-decoding worker processes."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    resume: bool = typer.Option(False, help="Continue the run in --output from its last checkpoint."),
+    export: bool = typer.Option(True, help="Export the artifact at the end."),
+    name: Optional[str] = typer.Option(None, help="Model name in the artifact."),
+) -> None:
+    """Fine-tune a backbone on labelled images, evaluate on the held-out test split, and export."""
+    from training.config import TrainConfig
+    from training.trainer import train as run_training
+
+    config = TrainConfig(
+        data=data,
+        output=output or Path("runs") / data.stem,
+        backbone=backbone,
+        weights=weights,
+        strategy=strategy,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        schedule=schedule,
+        label_smoothing=label_smoothing,
+        image_size=image_size,
+        horizontal_flip=horizontal_flip,
+        patience=patience,
+        workers=workers,
+        seed=seed,
+        device=device,
+        resume=resume,
+        export=export,
+        name=name,
+    )
+    _report_training(run_training(config))
+
+
+def _report_training(result) -> None:
+    test = result.test
+    if result.skipped:
+        typer.echo(f"skipped {len(result.skipped)} unreadable images (listed in {result.run_dir / 'skipped.json'})")
+    typer.echo(
+        f"test accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  ECE {test.expected_calibration_error:.4f}"
+        f"  ({test.images} held-out images, best epoch {result.best_epoch + 1})"
+    )
+    typer.echo(f"run directory: {result.run_dir}")
+    if result.artifact:
+        typer.echo(f"artifact: {result.artifact}")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    workdir: Path = typer.Option(DEFAULT_DEMO_DIR, help="Where the demo data and run go."),
+    weights: str = typer.Option("imagenet", help="'imagenet' or 'none' (to compare with random init)."),
+) -> None:
+    """The embedded default end to end: digits -> fine-tune efficientnet_lite0 -> test metrics -> artifact."""
+    from training.config import TrainConfig
+    from training.demo_data import write_digits_folder
+    from training.trainer import train as run_training
+
+    data = workdir / "digits"
+    if not data.exists():
+        typer.echo(f"wrote {write_digits_folder(data)} demo images to {data}")
+    run_dir = workdir / ("run" if weights == "imagenet" else f"run-{Path(weights).stem}")
+    config = TrainConfig(data=data, output=run_dir, weights=weights, resume=(run_dir / "checkpoint.pt").exists(), **DEMO_OPTIONS)
+    _report_training(run_training(config))
+
+
+DEMO_OPTIONS = dict(image_size=128, horizontal_flip=False, name="digits")
+"""What the demo sets beyond the defaults: 8x8 digits need no 224 px input, and mirrored digits are other digits."""
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    data: Path = typer.Option(..., "--data", help="Labelled image folder, CSV manifest, or a run's splits.csv."),
+    split: Optional[str] = typer.Option(None, help="Only this split of the data (train, val or test)."),
+    output: Path = typer.Option(Path("evaluation"), help="Folder for report.json and confusion_matrix.png."),
+    runtime: str = typer.Option("auto", help="auto | onnx | torchscript."),
+) -> None:
+    """Score an artifact on labelled images: accuracy, macro-F1, per-class precision/recall, confusion, ECE."""
+    from models.predictor import Predictor
+    from training.data import DataError, discover_images
+    from training.evaluate import evaluate_artifact, save_confusion_matrix_png
+
+    records = discover_images(data)
+    if split:
+        records = [r for r in records if r.split == split]
+        if not records:
+            raise DataError(f"{data} has no images in split {split!r}")
+    report, skipped = evaluate_artifact(Predictor.from_artifact(artifact, runtime=runtime), records)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(report.model_dump_json(indent=2))
+    save_confusion_matrix_png(report, output / "confusion_matrix.png")
+    for item in skipped:
+        typer.echo(f"skipped unreadable image {item.path}: {item.reason}", err=True)
+    typer.echo(json.dumps(report.headline() | {"images": report.images}, indent=2))
+    typer.echo(f"report: {output / 'report.json'}")
+
+
+@app.command()
+@friendly_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A training run directory (holding best.pt)."),
+    output: Optional[Path] = typer.Option(None, help="Artifact directory (default: RUN_DIR/artifact)."),
+) -> None:
+    """Export a run's best weights as an artifact (TorchScript + ONNX + manifest), checking parity."""
+    from training.trainer import export_run
+
+    typer.echo(f"artifact: {export_run(run_dir, output)}")
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones with their pretrained configuration."""
+    from models.registry import get_spec, list_backbones
+
+    for name in list_backbones():
+        spec = get_spec(name)
+        p = spec.preprocessing
+        typer.echo(f"{name:20s} {p.image_size}px  embedding {spec.embedding_dim:4d}  weights: {spec.weights_source}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

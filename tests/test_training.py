@@ -1,0 +1,68 @@
+import json
+
+import pytest
+import torch
+
+import training.trainer as trainer
+from models.artifact import load_artifact
+from tests.conftest import CORRUPT_IMAGE, tiny_config
+from training.data import DataError
+
+
+def test_run_produces_metrics_checkpoints_and_artifact(trained_run):
+    run = trained_run.run_dir
+    for name in ("checkpoint.pt", "best.pt", "splits.csv", "history.json", "test_report.json", "confusion_matrix.png"):
+        assert (run / name).exists(), name
+    assert len(trained_run.history) == 2
+    assert trained_run.test.images == len([l for l in (run / "splits.csv").read_text().splitlines() if l.endswith(",test")])
+    manifest = load_artifact(trained_run.artifact).manifest
+    assert manifest.labels == ["0", "1", "2", "3"]
+    assert manifest.metrics["test_accuracy"] == pytest.approx(trained_run.test.accuracy)
+    assert manifest.preprocessing.image_size == 32
+
+
+def test_corrupt_image_is_skipped_and_reported(trained_run):
+    assert [s.path.name for s in trained_run.skipped] == [CORRUPT_IMAGE]
+    reported = json.loads((trained_run.run_dir / "skipped.json").read_text())
+    assert reported[0]["path"].endswith(CORRUPT_IMAGE) and reported[0]["reason"]
+
+
+def test_checkpoint_loads_with_weights_only(trained_run):
+    state = torch.load(trained_run.run_dir / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["labels"] == ["0", "1", "2", "3"]
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(digits_dir, tmp_path, monkeypatch):
+    options = dict(epochs=3, export=False, strategy="gradual")
+    trainer.train(tiny_config(digits_dir, tmp_path / "clean", **options), show_progress=False)
+
+    real_count = trainer.trainable_group_count
+
+    def interrupt_at_third_epoch(strategy, epoch, epochs, groups):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_count(strategy, epoch, epochs, groups)
+
+    monkeypatch.setattr(trainer, "trainable_group_count", interrupt_at_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(tiny_config(digits_dir, tmp_path / "resumed", **options), show_progress=False)
+    interrupted = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert interrupted["epoch"] == 1
+
+    monkeypatch.setattr(trainer, "trainable_group_count", real_count)
+    result = trainer.train(tiny_config(digits_dir, tmp_path / "resumed", resume=True, **options), show_progress=False)
+    assert [h.epoch for h in result.history] == [0, 1, 2]
+    assert result.history[0].seconds == interrupted["history"][0]["seconds"], "finished epochs must not rerun"
+    clean = torch.load(tmp_path / "clean" / "checkpoint.pt", weights_only=True)["model"]
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.allclose(clean[k].float(), resumed[k].float(), atol=1e-6) for k in clean)
+
+
+def test_existing_run_is_not_overwritten(trained_run, training_data):
+    with pytest.raises(DataError, match="--resume"):
+        trainer.train(tiny_config(training_data, trained_run.run_dir), show_progress=False)
+
+
+def test_resume_without_checkpoint_is_an_error(digits_dir, tmp_path):
+    with pytest.raises(DataError, match="no checkpoint"):
+        trainer.train(tiny_config(digits_dir, tmp_path / "new", resume=True), show_progress=False)

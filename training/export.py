@@ -1,0 +1,160 @@
+"""Export a fine-tuned TransferNet to one artifact: TorchScript + ONNX + manifest, with proven parity.
+
+The artifact is written to a temporary sibling directory and renamed into place only after the parity
+check passes, so a failed export never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.artifact import (
+    FORMAT_VERSION,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    Artifact,
+    Manifest,
+    ParityReport,
+    load_artifact,
+    sha256_file,
+    write_manifest,
+)
+from models.network import TransferNet
+from models.preprocessing import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+ONNX_OPSET = 18
+PARITY_TOLERANCE = 1e-4
+
+
+class ParityError(RuntimeError):
+    """An exported form does not reproduce the eager model within tolerance."""
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "format": str(FORMAT_VERSION)}
+    for package in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "pillow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def export_torchscript(model: TransferNet, example: torch.Tensor, path: Path) -> None:
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    traced.save(str(path))
+
+
+def export_onnx(model: TransferNet, example: torch.Tensor, path: Path, opset: int = ONNX_OPSET) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=["images"],
+            output_names=["logits", "embedding"],
+            opset_version=opset,
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    program.save(str(path), external_data=False)
+
+
+def check_parity(
+    model: TransferNet, torchscript_path: Path, onnx_path: Path, batch: torch.Tensor, tolerance: float = PARITY_TOLERANCE
+) -> ParityReport:
+    """Compare TorchScript and ONNX Runtime outputs with the eager model on `batch`; raise ParityError on mismatch."""
+    import onnxruntime as ort
+
+    model = model.eval().cpu()
+    with torch.no_grad():
+        eager_logits, eager_embedding = (t.numpy() for t in model(batch))
+        scripted = torch.jit.load(str(torchscript_path), map_location="cpu").eval()
+        ts_logits, ts_embedding = (t.numpy() for t in scripted(batch))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_logits, onnx_embedding = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+
+    eager_top1 = eager_logits.argmax(1)
+    agree = (ts_logits.argmax(1) == eager_top1) & (onnx_logits.argmax(1) == eager_top1)
+    report = ParityReport(
+        images=len(batch),
+        torchscript_max_abs_logits=float(np.abs(ts_logits - eager_logits).max()),
+        torchscript_max_abs_embedding=float(np.abs(ts_embedding - eager_embedding).max()),
+        onnx_max_abs_logits=float(np.abs(onnx_logits - eager_logits).max()),
+        onnx_max_abs_embedding=float(np.abs(onnx_embedding - eager_embedding).max()),
+        top1_agreement=float(agree.mean()),
+        tolerance=tolerance,
+    )
+    worst = max(report.torchscript_max_abs_logits, report.onnx_max_abs_logits)
+    if worst > tolerance or report.top1_agreement < 1.0:
+        raise ParityError(
+            f"exported model disagrees with the eager model: max |logit difference| "
+            f"TorchScript {report.torchscript_max_abs_logits:.2e}, ONNX {report.onnx_max_abs_logits:.2e} "
+            f"(tolerance {tolerance:.0e}); top-1 agreement {report.top1_agreement:.3f}"
+        )
+    return report
+
+
+def export_artifact(
+    model: TransferNet,
+    *,
+    labels: list[str],
+    backbone: str,
+    preprocessing: Preprocessing,
+    parity_batch: torch.Tensor,
+    output: Path,
+    name: str,
+    version: str | None = None,
+    metrics: dict[str, float] | None = None,
+    tolerance: float = PARITY_TOLERANCE,
+) -> Artifact:
+    """Write TorchScript, ONNX and manifest to `output` (which must not exist) after checking parity."""
+    output = Path(output)
+    if output.exists():
+        raise FileExistsError(f"artifact directory already exists: {output}")
+    if len(labels) != model.head[-1].out_features:
+        raise ValueError(f"{len(labels)} labels for a head with {model.head[-1].out_features} outputs")
+    model = model.eval().cpu().to(memory_format=torch.contiguous_format)
+    parity_batch = parity_batch.float().cpu().contiguous()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        export_torchscript(model, parity_batch[:1], staging / TORCHSCRIPT_FILE)
+        export_onnx(model, parity_batch[:2] if len(parity_batch) > 1 else parity_batch, staging / ONNX_FILE)
+        parity = check_parity(model, staging / TORCHSCRIPT_FILE, staging / ONNX_FILE, parity_batch, tolerance)
+        manifest = Manifest(
+            name=name,
+            version=version or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
+            backbone=backbone,
+            labels=labels,
+            preprocessing=preprocessing,
+            embedding_dim=model.backbone.embedding_dim,
+            metrics=metrics or {},
+            parity=parity,
+            onnx_opset=ONNX_OPSET,
+            files={f: sha256_file(staging / f) for f in (TORCHSCRIPT_FILE, ONNX_FILE)},
+            library_versions=library_versions(),
+        )
+        write_manifest(staging, manifest)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("exported %s (parity: %s)", output, parity)
+    return load_artifact(output)
