@@ -207,6 +207,12 @@ def backbones() -> None:
         typer.echo(f"{name:20s} {p.image_size}px  embedding {spec.embedding_dim:4d}  weights: {spec.weights_source}")
 
 
+# --- serving commands (import, serve) ---
+
+
+# --- extraction commands (extract) ---
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
