@@ -40,13 +40,14 @@ def friendly_errors(command: Callable) -> Callable:
         from models.registry import UnknownBackboneError, WeightsError
         from training.data import DataError
         from training.export import ParityError
+        from service.extraction_schema import ExtractionError
 
         try:
             return command(*args, **kwargs)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             _fail(f"invalid option: {problems}")
-        except (ArtifactError, DataError, ImageDecodeError, WeightsError, ParityError, FileExistsError) as exc:
+        except (ArtifactError, DataError, ImageDecodeError, WeightsError, ParityError, FileExistsError, ExtractionError) as exc:
             _fail(str(exc))
         except UnknownBackboneError as exc:
             _fail(str(exc))
@@ -211,6 +212,43 @@ def backbones() -> None:
 
 
 # --- extraction commands (extract) ---
+
+
+@app.command()
+@friendly_errors
+def extract(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    input: Path = typer.Option(..., "--input", help="Image folder (recursive), or a .csv / .parquet manifest with a 'path' column."),
+    output: Path = typer.Option(..., "--output", help="Output folder: Parquet shards, _errors.jsonl, _summary.json."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    shard_size: int = typer.Option(4096, help="Images per Parquet shard (the unit of resume)."),
+    workers: int = typer.Option(2, help="Local engine: image-decoding worker processes (0: in-process)."),
+    top_k: int = typer.Option(5, help="Labels kept per image."),
+    embedding_dtype: str = typer.Option("float32", help="float32 | float16."),
+    runtime: str = typer.Option("auto", help="auto | onnx | torchscript (auto: onnx on CPU, torchscript on GPU)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (reduced precision: torchscript only)."),
+    engine: str = typer.Option("local", help="local | ray (Ray Data; joins RAY_ADDRESS or starts a local Ray)."),
+    ray_concurrency: int = typer.Option(1, help="Ray: inference actors."),
+    ray_gpus_per_actor: float = typer.Option(0.0, help="Ray: GPUs per inference actor."),
+    ray_num_cpus: Optional[int] = typer.Option(None, help="Ray: CPUs of the local Ray the job starts."),
+    progress: bool = typer.Option(True, help="Show a progress bar (images/s, ETA)."),
+) -> None:
+    """Embed and classify every image into resumable Parquet shards (same runtime and preprocessing as the service)."""
+    from service.extraction import run_extraction
+    from service.extraction_schema import ExtractionConfig, RayOptions
+
+    config = ExtractionConfig(
+        artifact=artifact, input=input, output=output, batch_size=batch_size, shard_size=shard_size, workers=workers,
+        top_k=top_k, embedding_dtype=embedding_dtype, runtime=runtime, device=device, precision=precision,
+        engine=engine, show_progress=progress,
+        ray=RayOptions(concurrency=ray_concurrency, num_gpus=ray_gpus_per_actor, local_num_cpus=ray_num_cpus),
+    )
+    try:
+        summary = run_extraction(config)
+    except KeyboardInterrupt:
+        _fail(f"interrupted; finished shards in {output} are kept (run the same command again to resume)", 130)
+    typer.echo(summary.model_dump_json(indent=2))
 
 
 def main() -> None:  # pragma: no cover - console entry point

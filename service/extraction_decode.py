@@ -1,0 +1,61 @@
+"""Decoding stage of the extraction job: image paths -> the network's input batch, or a reason per image.
+
+`ImageDecoder` is a plain callable over column batches (`dict[str, np.ndarray]`), so the local engine runs
+it in DataLoader worker processes and the Ray engine runs it as a `map_batches` stage. It uses the one
+preprocessing definition (`models.preprocessing.load_image` + `preprocess_batch` with the artifact's
+`Preprocessing`, exactly what `Predictor.preprocess` does); a file that cannot be decoded becomes an
+error string in its row instead of an exception, so one bad file never stops the job.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from models.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, load_image, preprocess_batch
+
+
+class ImageDecoder:
+    """`{"index", "path"}` -> `{"index", "path", "pixels" (N,3,H,W float32), "error" ("" when decoded)}`."""
+
+    def __init__(self, preprocessing: Preprocessing | dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.preprocessing = Preprocessing.model_validate(preprocessing)
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [str(p) for p in np.asarray(batch["path"], dtype=object).reshape(-1)]
+        size = self.preprocessing.image_size
+        pixels = np.zeros((len(paths), 3, size, size), dtype=np.float32)
+        errors = [""] * len(paths)
+        images: list[Image.Image] = []
+        positions: list[int] = []
+        for position, path in enumerate(paths):
+            try:
+                images.append(load_image(path, self.max_pixels))
+                positions.append(position)
+            except ImageDecodeError as exc:
+                errors[position] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a single unreadable file must not stop the job
+                errors[position] = f"{type(exc).__name__}: {exc}"
+        if images:
+            try:
+                pixels[positions] = preprocess_batch(images, self.preprocessing)
+            except Exception:  # noqa: BLE001 - find the image(s) the transform refuses, keep the rest
+                for position, image in zip(positions, images):
+                    try:
+                        pixels[position] = preprocess_batch([image], self.preprocessing)[0]
+                    except Exception as exc:  # noqa: BLE001
+                        errors[position] = f"preprocessing failed: {type(exc).__name__}: {exc}"
+        return {
+            "index": np.asarray(batch["index"], dtype=np.int64).reshape(-1),
+            "path": np.asarray(paths, dtype=object),
+            "pixels": pixels,
+            "error": np.asarray(errors, dtype=object),
+        }
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], *, preprocessing: Preprocessing | dict, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> dict[str, np.ndarray]:
+    """Function form of `ImageDecoder` (Ray runs a function stage as stateless tasks)."""
+    return ImageDecoder(preprocessing, max_pixels)(batch)

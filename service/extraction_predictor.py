@@ -1,0 +1,62 @@
+"""Inference stage of the extraction job: a callable class holding one loaded runtime.
+
+Shaped like Ray Data's batch-inference callables: the constructor loads the model once (per process or
+per Ray actor) and `__call__` maps a column batch to a column batch. The local engine calls the same
+class directly. Embeddings and probabilities come from `Predictor.predict_batch`, the path the HTTP
+service's `embed` and `classify` use, and the top-k order from `Predictor.top_k`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from models.predictor import Predictor
+from models.runtimes import DeviceName, Precision, RuntimeName
+from service.extraction_schema import EmbeddingDType, effective_top_k
+
+
+class EmbeddingPredictor:
+    """`{"index", "path", "pixels", "error"}` -> `{"index", "path", "error", "embedding", "topk_indices",
+    "topk_probabilities"}`. Rows whose `error` is set skip the model and get zero outputs."""
+
+    def __init__(
+        self,
+        artifact: str | Path,
+        runtime: RuntimeName = "auto",
+        device: DeviceName = "auto",
+        precision: Precision = "fp32",
+        top_k: int = 5,
+        embedding_dtype: EmbeddingDType = "float32",
+    ) -> None:
+        self.predictor = Predictor.from_artifact(artifact, runtime=runtime, device=device, precision=precision)
+        self.top_k = effective_top_k(top_k, self.predictor.manifest)
+        self.embedding_dtype = np.dtype(embedding_dtype)
+        self._label_index = {label: i for i, label in enumerate(self.predictor.labels)}
+
+    def describe(self) -> dict[str, str]:
+        return self.predictor.runtime.describe()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        errors = np.asarray(batch["error"], dtype=object).reshape(-1)
+        count = len(errors)
+        ok = np.array([not e for e in errors], dtype=bool)
+        embeddings = np.zeros((count, self.predictor.manifest.embedding_dim), dtype=self.embedding_dtype)
+        topk_indices = np.zeros((count, self.top_k), dtype=np.int32)
+        topk_probabilities = np.zeros((count, self.top_k), dtype=np.float32)
+        if ok.any():
+            pixels = np.asarray(batch["pixels"], dtype=np.float32)[ok]
+            outputs = self.predictor.predict_batch(pixels)
+            embeddings[ok] = outputs.embeddings.astype(self.embedding_dtype)
+            best = self.predictor.top_k(outputs.probabilities, self.top_k)
+            topk_indices[ok] = [[self._label_index[label] for label in row.labels] for row in best]
+            topk_probabilities[ok] = [row.probabilities for row in best]
+        return {
+            "index": np.asarray(batch["index"], dtype=np.int64).reshape(-1),
+            "path": np.asarray(batch["path"], dtype=object).reshape(-1),
+            "error": errors,
+            "embedding": embeddings,
+            "topk_indices": topk_indices,
+            "topk_probabilities": topk_probabilities,
+        }

@@ -1,0 +1,92 @@
+"""The extraction job on Ray Data (`--engine ray`): same inputs, shards, schema, resume and errors as the
+local engine; only the execution differs.
+
+    ray.data.from_items(pending rows)                 # read: (index, path) of the unfinished shards
+      .map_batches(decode_batch, ...)                 # CPU tasks: load_image + the artifact's preprocessing
+      .map_batches(EmbeddingPredictor, ...)           # actors holding the runtime; GPUs per actor, concurrency
+    -> streamed back to the driver, which writes each shard atomically as soon as all its rows arrived
+
+Writing from the driver (rather than `Dataset.write_parquet`) keeps the local engine's shard layout
+(`part-NNNNN.parquet` = inputs `[N*shard_size, (N+1)*shard_size)`, rows sorted by input index), its
+atomic write-then-rename, and per-shard resume while the job streams. Only the small result columns
+reach the driver; decoded pixels stay in the cluster.
+
+The job joins an existing cluster when `RAY_ADDRESS` is set (`ray.init(address=...)`) and otherwise starts
+a local Ray; a Ray already initialised in this process (tests, notebooks) is used as it is. Ray is an
+optional extra (`pip install .[ray]`) and imported only here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import pyarrow as pa
+
+from service.extraction import JobPlan, ShardAssembler, progress_bar
+from service.extraction_decode import decode_batch
+from service.extraction_predictor import EmbeddingPredictor
+from service.extraction_schema import ExtractionError
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ExtractionError(
+            "--engine ray needs Ray Data, an optional extra: pip install 'transfer-serve[ray]' (or '.[ray]')"
+        ) from None
+    return ray
+
+
+def _connect(ray, local_num_cpus: int | None) -> bool:
+    """Use the running Ray, join RAY_ADDRESS, or start a local Ray; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=local_num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def run_ray(plan: JobPlan, assembler: ShardAssembler, pending: Sequence[int]) -> dict[str, str]:
+    """Run the pending shards on Ray Data; returns the device description."""
+    ray = _import_ray()
+    config, options = plan.config, plan.config.ray
+    started = _connect(ray, options.local_num_cpus)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = config.show_progress
+        indices = [index for shard in pending for index in plan.shard_range(shard)]
+        table = pa.table({"index": pa.array(indices, pa.int64()), "path": [plan.inputs.paths[i] for i in indices]})
+        block_rows = max(config.batch_size, -(-len(indices) // 200))
+        blocks = [table.slice(start, block_rows) for start in range(0, len(indices), block_rows)]
+        dataset = (
+            ray.data.from_arrow(blocks)
+            .map_batches(
+                decode_batch,
+                fn_kwargs={"preprocessing": plan.manifest.preprocessing.model_dump(), "max_pixels": config.max_pixels},
+                batch_size=config.batch_size,
+                batch_format="numpy",
+                num_cpus=options.decode_cpus,
+            )
+            .map_batches(
+                EmbeddingPredictor,
+                fn_constructor_kwargs=plan.predictor_kwargs(),
+                batch_size=config.batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=options.concurrency),
+                num_gpus=options.num_gpus,
+                num_cpus=options.cpus_per_actor,
+            )
+        )
+        with progress_bar(len(indices), config.show_progress, "extract (ray)") as bar:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                bar.update(assembler.add(batch))
+        return {"device": plan.device}
+    finally:
+        if started:
+            ray.shutdown()
