@@ -36,7 +36,12 @@ class ParityReport(BaseModel):
     onnx_max_abs_logits: float
     onnx_max_abs_embedding: float
     top1_agreement: float = Field(description="Fraction of images where every form gives the same top-1.")
-    tolerance: float
+    tolerance: float = Field(description="Allowed max |logit difference| per unit of logit scale.")
+    logit_scale: float = Field(description="max(1, largest |logit| of the eager model on these images).")
+
+    @property
+    def allowed_max_abs_logits(self) -> float:
+        return self.tolerance * self.logit_scale
 
 
 class Manifest(BaseModel):

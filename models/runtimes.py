@@ -20,6 +20,13 @@ RuntimeName = Literal["auto", "onnx", "torchscript"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "fp16", "bf16"]
 
+MIN_TOP1_AGREEMENT = 0.95
+"""fp16/bf16 TorchScript is refused at load when it picks fp32's top-1 class on fewer check inputs than this."""
+
+
+class PrecisionError(RuntimeError):
+    """Reduced precision changes the model's answers too often to be served."""
+
 
 class Runtime(Protocol):
     name: str
@@ -46,7 +53,13 @@ def default_runtime(device: str) -> Literal["onnx", "torchscript"]:
 class TorchScriptRuntime:
     name = "torchscript"
 
-    def __init__(self, artifact: Artifact, device: str = "cpu", precision: Precision = "fp32") -> None:
+    def __init__(
+        self,
+        artifact: Artifact,
+        device: str = "cpu",
+        precision: Precision = "fp32",
+        min_top1_agreement: float = MIN_TOP1_AGREEMENT,
+    ) -> None:
         self.device = device
         self.precision = precision
         module = torch.jit.load(str(artifact.torchscript_path), map_location=device).eval()
@@ -54,6 +67,27 @@ class TorchScriptRuntime:
         if self._dtype is not torch.float32:
             module = module.to(self._dtype)
         self._module = torch.jit.freeze(module) if device == "cpu" and precision == "fp32" else module
+        self.top1_agreement: float | None = None
+        if self._dtype is not torch.float32:
+            self.top1_agreement = self._top1_agreement_with_fp32(artifact)
+            logger.info("%s top-1 agreement with fp32: %.3f", precision, self.top1_agreement)
+            if self.top1_agreement < min_top1_agreement:
+                raise PrecisionError(
+                    f"{precision} agrees with fp32 on the top-1 class for only {self.top1_agreement:.1%} of the "
+                    f"check inputs (at least {min_top1_agreement:.0%} required); serve this model in fp32"
+                )
+
+    def _top1_agreement_with_fp32(self, artifact: Artifact, images: int = 16, seed: int = 0) -> float:
+        """Fraction of a fixed, seeded batch of N(0, 1) inputs (the scale of normalised images) on which this
+        reduced-precision module picks the same top-1 class as the fp32 module; non-finite outputs disagree."""
+        size = artifact.manifest.preprocessing.image_size
+        batch = np.random.default_rng(seed).standard_normal((images, 3, size, size)).astype(np.float32)
+        reference = torch.jit.load(str(artifact.torchscript_path), map_location=self.device).eval()
+        with torch.inference_mode():
+            expected = reference(torch.from_numpy(batch).to(self.device))[0].argmax(1).cpu().numpy()
+        logits, _ = self(batch)
+        agree = (logits.argmax(1) == expected) & np.isfinite(logits).all(axis=1)
+        return float(agree.mean())
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +96,10 @@ class TorchScriptRuntime:
         return logits.float().cpu().numpy(), embedding.float().cpu().numpy()
 
     def describe(self) -> dict[str, str]:
-        return {"runtime": self.name, "device": self.device, "precision": self.precision}
+        described = {"runtime": self.name, "device": self.device, "precision": self.precision}
+        if self.top1_agreement is not None:
+            described["top1_agreement_with_fp32"] = f"{self.top1_agreement:.3f}"
+        return described
 
 
 class OnnxRuntime:

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 ONNX_OPSET = 18
 PARITY_TOLERANCE = 1e-4
+"""Allowed max |logit difference| per unit of logit scale: 1e-4 for logits within [-1, 1], proportionally
+more for larger logits, since fp32 rounding error grows with the magnitude of what is rounded."""
 
 
 class ParityError(RuntimeError):
@@ -100,13 +102,14 @@ def check_parity(
         onnx_max_abs_embedding=float(np.abs(onnx_embedding - eager_embedding).max()),
         top1_agreement=float(agree.mean()),
         tolerance=tolerance,
+        logit_scale=float(max(1.0, np.abs(eager_logits).max())),
     )
     worst = max(report.torchscript_max_abs_logits, report.onnx_max_abs_logits)
-    if worst > tolerance or report.top1_agreement < 1.0:
+    if worst > report.allowed_max_abs_logits or report.top1_agreement < 1.0:
         raise ParityError(
             f"exported model disagrees with the eager model: max |logit difference| "
             f"TorchScript {report.torchscript_max_abs_logits:.2e}, ONNX {report.onnx_max_abs_logits:.2e} "
-            f"(tolerance {tolerance:.0e}); top-1 agreement {report.top1_agreement:.3f}"
+            f"(allowed {report.allowed_max_abs_logits:.2e}); top-1 agreement {report.top1_agreement:.3f}"
         )
     return report
 
