@@ -1,0 +1,62 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
+
+runner = CliRunner()
+
+
+def _fails_cleanly(result, message):
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and message in result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_train_with_missing_data_fails_cleanly(tmp_path):
+    _fails_cleanly(runner.invoke(app, ["train", "--data", str(tmp_path / "nope")]), "expected an image folder")
+
+
+def test_train_with_unknown_strategy_fails_cleanly(tmp_path, digits_dir):
+    result = runner.invoke(app, ["train", "--data", str(digits_dir), "--strategy", "magic", "--output", str(tmp_path)])
+    _fails_cleanly(result, "strategy")
+
+
+def test_train_with_unknown_backbone_fails_cleanly(tmp_path, digits_dir):
+    result = runner.invoke(app, ["train", "--data", str(digits_dir), "--backbone", "vgg1", "--output", str(tmp_path / "r")])
+    _fails_cleanly(result, "unknown backbone")
+
+
+def test_evaluate_refuses_a_non_artifact(tmp_path, digits_dir):
+    _fails_cleanly(runner.invoke(app, ["evaluate", str(tmp_path), "--data", str(digits_dir)]), "manifest.json is missing")
+
+
+def test_demo_data_writes_the_digits(tmp_path):
+    result = runner.invoke(app, ["demo-data", str(tmp_path / "digits")])
+    assert result.exit_code == 0
+    assert len(list((tmp_path / "digits").rglob("*.png"))) == 1797
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == [str(d) for d in range(10)]
+
+
+def test_evaluate_held_out_split_matches_training_report(trained_run, tmp_path):
+    out = tmp_path / "eval"
+    result = runner.invoke(
+        app,
+        ["evaluate", str(trained_run.artifact), "--data", str(trained_run.run_dir / "splits.csv"), "--split", "test",
+         "--output", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["images"] == trained_run.test.images
+    assert report["accuracy"] == pytest.approx(trained_run.test.accuracy, abs=1.0 / report["images"] + 1e-9)
+    assert (out / "confusion_matrix.png").exists()
+
+
+def test_export_command_reexports_a_run(trained_run, tmp_path):
+    out = tmp_path / "again"
+    result = runner.invoke(app, ["export", str(trained_run.run_dir), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "manifest.json").exists()
+    _fails_cleanly(runner.invoke(app, ["export", str(trained_run.run_dir), "--output", str(out)]), "already exists")
