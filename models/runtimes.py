@@ -37,11 +37,16 @@ class Runtime(Protocol):
     def describe(self) -> dict[str, str]: ...
 
 
+class DeviceError(RuntimeError):
+    """The device asked for is not available here."""
+
+
 def resolve_device(device: DeviceName) -> str:
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; 'cuda' without a GPU is an error."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for, but no CUDA GPU is available")
+        raise DeviceError("device 'cuda' was asked for, but no CUDA GPU is available")
     return device
 
 

@@ -38,6 +38,7 @@ def friendly_errors(command: Callable) -> Callable:
         from models.artifact import ArtifactError
         from models.preprocessing import ImageDecodeError
         from models.registry import UnknownBackboneError, WeightsError
+        from models.runtimes import DeviceError
         from training.data import DataError
         from training.export import ParityError
         from service.extraction_schema import ExtractionError
@@ -47,12 +48,12 @@ def friendly_errors(command: Callable) -> Callable:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             _fail(f"invalid option: {problems}")
-        except (ArtifactError, DataError, ImageDecodeError, WeightsError, ParityError, FileExistsError, ExtractionError) as exc:
+        except (ArtifactError, DataError, DeviceError, ImageDecodeError, WeightsError, ParityError, FileExistsError, ExtractionError) as exc:
             _fail(str(exc))
         except UnknownBackboneError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
-            _fail("interrupted; finished epochs are kept in the checkpoint (continue with --resume)", 130)
+            _fail("interrupted; finished work is kept: continue with `train --resume`, or rerun the same `extract`", 130)
 
     return wrapper
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from models.network import TransferNet, build_network
 from models.preprocessing import Preprocessing, eval_transform, train_transform
 from models.registry import get_spec
+from models.runtimes import resolve_device
 from training.config import TrainConfig
 from training.data import (
     DataError,
@@ -71,14 +72,6 @@ class TrainResult(BaseModel):
     artifact: Path | None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda was asked for, but no CUDA GPU is available")
-    return torch.device(name)
-
-
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -121,7 +114,7 @@ def class_weights(train: list[ImageRecord], labels: list[str]) -> torch.Tensor:
     return torch.tensor([total / (len(labels) * max(1, counts[label])) for label in labels], dtype=torch.float32)
 
 
-def prepare_splits(config: TrainConfig, run_dir: Path, show_progress: bool) -> tuple[Splits, list[SkippedImage]]:
+def prepare_splits(config: TrainConfig, run_dir: Path) -> tuple[Splits, list[SkippedImage]]:
     """Discover, scan and split the data once; a resumed run reads the saved split instead."""
     splits_path = run_dir / SPLITS_FILE
     skipped_path = run_dir / "skipped.json"
@@ -180,9 +173,9 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     if config.resume and not checkpoint_path.exists():
         raise DataError(f"--resume: no checkpoint in {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
+    device = torch.device(resolve_device(config.device))
 
-    splits, skipped = prepare_splits(config, run_dir, show_progress)
+    splits, skipped = prepare_splits(config, run_dir)
     labels = splits.labels()
     spec = get_spec(config.backbone)
     preprocessing: Preprocessing = spec.preprocessing.with_image_size(config.image_size or spec.preprocessing.image_size)
