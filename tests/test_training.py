@@ -11,7 +11,8 @@ from training.data import DataError
 
 def test_run_produces_metrics_checkpoints_and_artifact(trained_run):
     run = trained_run.run_dir
-    for name in ("checkpoint.pt", "best.pt", "splits.csv", "history.json", "test_report.json", "confusion_matrix.png"):
+    for name in ("checkpoint.pt", "best.pt", "model.pt", "calibration.json", "splits.csv", "history.json",
+                 "test_report.json", "confusion_matrix.png"):
         assert (run / name).exists(), name
     assert len(trained_run.history) == 2
     assert trained_run.test.images == len([l for l in (run / "splits.csv").read_text().splitlines() if l.endswith(",test")])
@@ -19,6 +20,14 @@ def test_run_produces_metrics_checkpoints_and_artifact(trained_run):
     assert manifest.labels == ["0", "1", "2", "3"]
     assert manifest.metrics["test_accuracy"] == pytest.approx(trained_run.test.accuracy)
     assert manifest.preprocessing.image_size == 32
+
+
+def test_exported_weights_are_best_weights_with_temperature_folded_in(trained_run):
+    temperature = json.loads((trained_run.run_dir / "calibration.json").read_text())["temperature"]
+    best = torch.load(trained_run.run_dir / "best.pt", weights_only=True)
+    final = torch.load(trained_run.run_dir / "model.pt", weights_only=True)
+    assert torch.allclose(final["head.1.weight"], best["head.1.weight"] / temperature)
+    assert torch.equal(final["backbone.body.conv_stem.weight"], best["backbone.body.conv_stem.weight"])
 
 
 def test_corrupt_image_is_skipped_and_reported(trained_run):

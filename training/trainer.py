@@ -3,7 +3,8 @@
 A run directory holds everything a run produces, so an interrupted run resumes from it:
 `splits.csv` (the exact train/val/test split), `skipped.json` (unreadable images and why),
 `checkpoint.pt` (last epoch: model, optimizer, scheduler, history), `best.pt` (best validation weights),
-`history.json`, `test_report.json`, `confusion_matrix.png` and the exported `artifact/`.
+`model.pt` (best weights with the fitted softmax temperature folded in: what is tested and exported),
+`calibration.json`, `history.json`, `test_report.json`, `confusion_matrix.png` and the exported `artifact/`.
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ from training.data import (
     split_records,
     write_csv_manifest,
 )
+from training.calibration import fit_temperature, fold_temperature
 from training.evaluate import EvaluationReport, evaluate_predictions, save_confusion_matrix_png
 from training.export import export_artifact
 from training.strategies import enter_train_mode, group_learning_rates, set_trainable, trainable_group_count
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
+FINAL_FILE = "model.pt"
 SPLITS_FILE = "splits.csv"
 ARTIFACT_DIR = "artifact"
 PARITY_IMAGES = 16
@@ -152,17 +155,21 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def predict_loader(model: TransferNet, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and targets for every item of `loader`."""
+def predict_loader(model: TransferNet, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, on CPU) and targets for every item of `loader`."""
     model.eval()
-    probabilities, targets = [], []
+    all_logits, targets = [], []
     for images, target in loader:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with _autocast(device):
             logits, _ = model(images)
-        probabilities.append(logits.float().softmax(1).cpu().numpy())
-        targets.append(target.numpy())
-    return np.concatenate(probabilities), np.concatenate(targets)
+        all_logits.append(logits.float().cpu())
+        targets.append(target)
+    return torch.cat(all_logits), torch.cat(targets)
+
+
+def _probabilities(logits: torch.Tensor) -> np.ndarray:
+    return logits.softmax(1).numpy()
 
 
 def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
@@ -234,9 +241,9 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         train_seconds = time.perf_counter() - started
 
-        probabilities, targets_np = predict_loader(model, _loader(val_set, config, False, 0), device)
-        val = evaluate_predictions(probabilities, targets_np, labels)
-        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probabilities) + 1e-12), torch.from_numpy(targets_np)))
+        val_logits, val_targets = predict_loader(model, _loader(val_set, config, False, 0), device)
+        val = evaluate_predictions(_probabilities(val_logits), val_targets.numpy(), labels)
+        val_loss = float(nn.functional.cross_entropy(val_logits, val_targets))
         record = EpochRecord(
             epoch=epoch,
             trainable_groups=count,
@@ -278,9 +285,14 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     (run_dir / "history.json").write_text(json.dumps([h.model_dump() for h in history], indent=2))
 
     model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True))
-    test_loader = _loader(test_set, config, False, 0)
-    probabilities, targets_np = predict_loader(model, test_loader, device)
-    test = evaluate_predictions(probabilities, targets_np, labels)
+    val_logits, val_targets = predict_loader(model, _loader(val_set, config, False, 0), device)
+    temperature = fit_temperature(val_logits, val_targets)
+    fold_temperature(model, temperature)
+    _atomic_save(model.state_dict(), run_dir / FINAL_FILE)
+    (run_dir / "calibration.json").write_text(json.dumps({"temperature": temperature}, indent=2))
+
+    test_logits, test_targets = predict_loader(model, _loader(test_set, config, False, 0), device)
+    test = evaluate_predictions(_probabilities(test_logits), test_targets.numpy(), labels)
     (run_dir / "test_report.json").write_text(test.model_dump_json(indent=2))
     save_confusion_matrix_png(test, run_dir / "confusion_matrix.png")
 
@@ -297,7 +309,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
 def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Export a run's best weights with its labels, preprocessing and test metrics; parity on test images."""
     run_dir = Path(run_dir)
-    for required in (CHECKPOINT_FILE, BEST_FILE, SPLITS_FILE, "test_report.json"):
+    for required in (CHECKPOINT_FILE, FINAL_FILE, SPLITS_FILE, "test_report.json"):
         if not (run_dir / required).exists():
             raise DataError(f"{run_dir} is not a finished training run: {required} is missing")
     state = torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
@@ -306,7 +318,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     spec = get_spec(config.backbone)
     preprocessing = spec.preprocessing.with_image_size(config.image_size or spec.preprocessing.image_size)
     model = build_network(config.backbone, len(labels), weights="none", dropout=config.dropout)
-    model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(run_dir / FINAL_FILE, map_location="cpu", weights_only=True))
     test_records = split_records(read_csv_manifest(run_dir / SPLITS_FILE)).test
     test_set = ImageDataset(test_records[:PARITY_IMAGES], labels, eval_transform(preprocessing))
     test = EvaluationReport.model_validate_json((run_dir / "test_report.json").read_text())
