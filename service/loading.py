@@ -1,0 +1,48 @@
+"""Find the artifact the settings name, load it on the configured runtime and device, and warm it up."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import bentoml
+from PIL import Image
+
+from models.artifact import ArtifactError
+from models.predictor import Predictor
+from service.model_store import stored_artifact_dir
+from service.settings import ServiceSettings
+
+logger = logging.getLogger("bentoml.transfer_serve")
+
+
+def artifact_dir(settings: ServiceSettings, stored_model: bentoml.Model | None) -> Path:
+    if settings.artifact is not None:
+        return settings.artifact
+    if stored_model is not None:
+        return stored_artifact_dir(stored_model)
+    raise ArtifactError(
+        "no model to serve: set TRANSFER_SERVE_ARTIFACT to an artifact directory, or TRANSFER_SERVE_MODEL "
+        "to a model-store tag (see `transfer-serve import`)"
+    )
+
+
+def load_predictor(settings: ServiceSettings, stored_model: bentoml.Model | None) -> Predictor:
+    # fp16/bf16 are TorchScript modes: asking for one picks that runtime unless a runtime is named
+    runtime = "torchscript" if settings.runtime == "auto" and settings.precision != "fp32" else settings.runtime
+    predictor = Predictor.from_artifact(artifact_dir(settings, stored_model), runtime, settings.device, settings.precision)
+    manifest = predictor.manifest
+    logger.info(
+        "serving %s %s (%s) with %s", manifest.name, manifest.version, manifest.backbone, predictor.runtime.describe()
+    )
+    return predictor
+
+
+def warm_up(predictor: Predictor, batches: int, batch_size: int) -> bool:
+    """Run `batches` forward passes on blank images so the first requests do not pay for lazy initialisation
+    (TorchScript profiling, cuDNN autotuning, ONNX Runtime arena growth). Returns True when done."""
+    size = predictor.manifest.preprocessing.image_size
+    blank = [Image.new("RGB", (size, size), (127, 127, 127))] * batch_size
+    for _ in range(batches):
+        predictor.predict(blank)
+    return True

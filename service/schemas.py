@@ -1,0 +1,167 @@
+"""Every shape that crosses HTTP: request options, documented request bodies, responses, errors."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.artifact import Manifest
+from models.predictor import Predictor, TopK
+from models.preprocessing import Preprocessing
+
+# --- requests --------------------------------------------------------------------------------------------------
+
+
+class ClassifyOptions(BaseModel):
+    """What a /classify caller may set besides the images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(5, ge=1, description="Labels returned per image, capped at the number of classes.")
+
+
+class EmbedOptions(BaseModel):
+    """What an /embed caller may set besides the images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    normalize: bool = Field(False, description="L2-normalise each embedding (for cosine similarity).")
+
+
+_IMAGE_FILES = Field(
+    description="One or more image files (JPEG, PNG, WEBP, BMP, GIF, TIFF), repeated under the same field name.",
+    json_schema_extra={"items": {"type": "string", "format": "binary"}},
+)
+_BASE64_IMAGES = Field(
+    description="Base64-encoded image files (a data: URI prefix is accepted); http(s) URLs only where the "
+    "operator has enabled URL fetching."
+)
+
+
+class ClassifyForm(ClassifyOptions):
+    """multipart/form-data body of /classify."""
+
+    images: list[bytes] = _IMAGE_FILES
+
+
+class ClassifyJSON(ClassifyOptions):
+    """application/json body of /classify, for clients that cannot send multipart."""
+
+    images: list[str] = _BASE64_IMAGES
+
+
+class EmbedForm(EmbedOptions):
+    """multipart/form-data body of /embed."""
+
+    images: list[bytes] = _IMAGE_FILES
+
+
+class EmbedJSON(EmbedOptions):
+    """application/json body of /embed, for clients that cannot send multipart."""
+
+    images: list[str] = _BASE64_IMAGES
+
+
+# --- responses -------------------------------------------------------------------------------------------------
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> "ModelRef":
+        return cls(name=manifest.name, version=manifest.version)
+
+
+class LabelScore(BaseModel):
+    label: str
+    probability: float
+
+
+class ImagePrediction(BaseModel):
+    top_k: list[LabelScore] = Field(description="Most probable labels first.")
+
+
+class ClassifyResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: ModelRef
+    predictions: list[ImagePrediction] = Field(description="One per image, in request order.")
+
+    @classmethod
+    def for_image(cls, model: ModelRef, top: TopK) -> "ClassifyResponse":
+        scores = [LabelScore(label=label, probability=p) for label, p in zip(top.labels, top.probabilities)]
+        return cls(model=model, predictions=[ImagePrediction(top_k=scores)])
+
+    @classmethod
+    def merge(cls, parts: Sequence["ClassifyResponse"]) -> "ClassifyResponse":
+        """One request's answer from the one-image answers the batch produced for it."""
+        return cls(model=parts[0].model, predictions=[p for part in parts for p in part.predictions])
+
+
+class EmbedResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: ModelRef
+    dim: int = Field(description="Length of every embedding.")
+    normalized: bool
+    embeddings: list[list[float]] = Field(description="float32 values, one vector per image, in request order.")
+
+    @classmethod
+    def for_image(cls, model: ModelRef, vector: np.ndarray, normalized: bool) -> "EmbedResponse":
+        return cls(model=model, dim=int(vector.shape[0]), normalized=normalized, embeddings=[vector.tolist()])
+
+    @classmethod
+    def merge(cls, parts: Sequence["EmbedResponse"]) -> "EmbedResponse":
+        first = parts[0]
+        return cls(
+            model=first.model,
+            dim=first.dim,
+            normalized=first.normalized,
+            embeddings=[vector for part in parts for vector in part.embeddings],
+        )
+
+
+class RequestLimits(BaseModel):
+    max_images_per_request: int
+    max_pixels: int
+    max_body_bytes: int
+    max_batch_size: int
+    max_latency_ms: int
+    allow_url_fetch: bool
+
+
+class ModelMetadata(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: ModelRef
+    backbone: str
+    labels: list[str]
+    num_classes: int
+    embedding_dim: int
+    preprocessing: Preprocessing
+    metrics: dict[str, float] = Field(description="Held-out test metrics recorded at export.")
+    runtime: dict[str, str] = Field(description="Runtime, device, precision or ONNX Runtime providers in use.")
+    limits: RequestLimits
+
+    @classmethod
+    def describe(cls, predictor: Predictor, limits: RequestLimits) -> "ModelMetadata":
+        manifest = predictor.manifest
+        return cls(
+            model=ModelRef.of(manifest),
+            backbone=manifest.backbone,
+            labels=manifest.labels,
+            num_classes=manifest.num_classes,
+            embedding_dim=manifest.embedding_dim,
+            preprocessing=manifest.preprocessing,
+            metrics=manifest.metrics,
+            runtime=predictor.runtime.describe(),
+            limits=limits,
+        )
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="What is wrong with the request.")

@@ -1,0 +1,62 @@
+"""The BentoML service: `bentoml serve service.service:TransferServe` (or `transfer-serve serve ARTIFACT`).
+
+Configured by `TRANSFER_SERVE_*` environment variables (service/settings.py). /classify and /embed are
+batchable: concurrent requests share one forward pass of at most `max_batch_size` images; each request is
+parsed, checked and decoded on its own first (service/bento_io.py), so a bad upload never joins a batch.
+"""
+
+from __future__ import annotations
+
+import bentoml
+from bentoml.models import BentoModel
+
+from models.predictor import l2_normalize
+from service.bento_io import ClassifyInput, ClassifyItem, ClassifyOutput, EmbedInput, EmbedItem, EmbedOutput
+from service.errors import JSONErrorBody
+from service.loading import load_predictor, warm_up
+from service.schemas import ClassifyResponse, EmbedResponse, ModelMetadata, ModelRef
+from service.settings import ServiceSettings
+
+settings = ServiceSettings.from_env()
+batching = dict(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
+
+
+@bentoml.service(name="transfer-serve", envs=settings.bento_envs(), traffic={"timeout": 60})
+class TransferServe:
+    """Image classification and embeddings from a fine-tuned transfer-learning artifact."""
+
+    stored_model = BentoModel(settings.model) if settings.model else None
+
+    def __init__(self) -> None:
+        self.predictor = load_predictor(settings, self.stored_model)
+        self.model = ModelRef.of(self.predictor.manifest)
+        self.ready = warm_up(self.predictor, settings.warmup_batches, settings.max_batch_size)
+
+    def __is_ready__(self) -> bool:
+        return self.ready
+
+    @bentoml.api(input_spec=ClassifyInput.with_limits(settings.upload_limits()), output_spec=ClassifyOutput, **batching)
+    def classify(self, images: list[ClassifyItem]) -> list[ClassifyResponse]:
+        """Top-k labels per image: files under `images` (multipart) or JSON `{"images": [base64, ...], "top_k": 3}`."""
+        probabilities = self.predictor.predict([item.image for item in images]).probabilities
+        return [
+            ClassifyResponse.for_image(self.model, self.predictor.top_k(row[None], item.top_k)[0])
+            for row, item in zip(probabilities, images)
+        ]
+
+    @bentoml.api(input_spec=EmbedInput.with_limits(settings.upload_limits()), output_spec=EmbedOutput, **batching)
+    def embed(self, images: list[EmbedItem]) -> list[EmbedResponse]:
+        """Embedding per image: files under `images` (multipart) or JSON `{"images": [base64, ...], "normalize": true}`."""
+        embeddings = self.predictor.predict([item.image for item in images]).embeddings
+        return [
+            EmbedResponse.for_image(self.model, l2_normalize(row[None])[0] if item.normalize else row, item.normalize)
+            for row, item in zip(embeddings, images)
+        ]
+
+    @bentoml.api(route="/metadata")
+    def metadata(self) -> ModelMetadata:
+        """Labels, backbone, version, test metrics, the runtime and device in use, and the request limits."""
+        return ModelMetadata.describe(self.predictor, settings.request_limits())
+
+
+TransferServe.add_asgi_middleware(JSONErrorBody)

@@ -1,0 +1,99 @@
+"""The serving configuration: one frozen pydantic model read from `TRANSFER_SERVE_*` environment variables.
+
+BentoML imports the service module in every worker (and in `bentoml build`), so the environment is the one
+place an operator can configure all of them the same way: `TRANSFER_SERVE_MAX_BATCH_SIZE=64` sets
+`max_batch_size`, and so on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.preprocessing import DEFAULT_MAX_PIXELS
+from models.runtimes import DeviceName, Precision, RuntimeName
+from service.schemas import RequestLimits
+from service.uploads import UploadLimits
+
+ENV_PREFIX = "TRANSFER_SERVE_"
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceSettings(BaseModel):
+    """Where the model comes from, how it runs, and what a request may contain."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    artifact: Optional[Path] = Field(None, description="Artifact directory to serve (TRANSFER_SERVE_ARTIFACT).")
+    model: Optional[str] = Field(
+        None, description="BentoML model-store tag to serve, e.g. 'digits:latest' (TRANSFER_SERVE_MODEL)."
+    )
+    runtime: RuntimeName = Field("auto", description="auto (fastest measured on the device) | onnx | torchscript.")
+    device: DeviceName = Field("auto", description="auto (cuda when a GPU is present) | cpu | cuda.")
+    precision: Precision = Field("fp32", description="fp16/bf16 need the torchscript runtime.")
+    max_batch_size: int = Field(32, ge=2, description="Most images in one forward pass (adaptive batching).")
+    max_latency_ms: int = Field(1000, gt=0, description="Longest a request may wait for its batch.")
+    max_images_per_request: int = Field(32, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Per image, checked before decoding.")
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    allow_url_fetch: bool = Field(False, description="Let clients name http(s) image URLs for the server to fetch.")
+    url_fetch_timeout_s: float = Field(10.0, gt=0)
+    warmup_batches: int = Field(2, ge=0, description="Forward passes run at load, before /readyz says ready.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServiceSettings":
+        if self.artifact is not None and self.model is not None:
+            raise ValueError("set TRANSFER_SERVE_ARTIFACT or TRANSFER_SERVE_MODEL, not both")
+        if self.runtime == "onnx" and self.precision != "fp32":
+            raise ValueError(f"precision {self.precision} needs the torchscript runtime, not onnx")
+        return self
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServiceSettings":
+        """Read every `TRANSFER_SERVE_<FIELD>` variable; unset fields keep their defaults."""
+        environ = os.environ if environ is None else environ
+        fields = set(cls.model_fields)
+        values: dict[str, str] = {}
+        for key, value in environ.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            name = key[len(ENV_PREFIX) :].lower()
+            if name in fields:
+                values[name] = value
+            else:
+                logger.warning("ignoring %s: not a serving setting (known: %s)", key, ", ".join(sorted(fields)))
+        return cls.model_validate(values)
+
+    def to_env(self) -> dict[str, str]:
+        """The variables that reproduce these settings in another process (a server, a container)."""
+        return {
+            f"{ENV_PREFIX}{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
+            for name, value in self.model_dump(exclude_defaults=True).items()
+            if value is not None
+        }
+
+    def upload_limits(self) -> UploadLimits:
+        return UploadLimits(
+            max_images=self.max_images_per_request,
+            max_pixels=self.max_pixels,
+            max_body_bytes=self.max_body_bytes,
+            allow_url_fetch=self.allow_url_fetch,
+            url_fetch_timeout_s=self.url_fetch_timeout_s,
+        )
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(**self.model_dump(include=set(RequestLimits.model_fields)))
+
+    def bento_envs(self) -> list[dict[str, str]]:
+        """These settings as Bento environment variables, so a built Bento serves as configured at build time.
+        A local artifact directory is left out: a Bento carries its model in the model store."""
+        return [
+            {"name": name, "value": value}
+            for name, value in self.to_env().items()
+            if name != f"{ENV_PREFIX}ARTIFACT"
+        ]

@@ -1,0 +1,232 @@
+"""Image requests in, decoded RGB images out, or a `RequestError` naming what is wrong.
+
+A request is either multipart/form-data (image files repeated under `images`, options as text fields) or
+JSON (`{"images": [base64, ...], ...options}`). Everything a client can get wrong is found here, before
+any image joins a batch: the body size, the content type, missing or unknown fields, option values, the
+image count, undecodable or oversized images. No URL is fetched unless `UploadLimits.allow_url_fetch`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import AsyncIterator, Generic, Sequence, TypeVar
+
+import anyio.to_thread
+import httpx
+from PIL import Image
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from models.preprocessing import ImageDecodeError, load_image
+from service.errors import (
+    PayloadTooLarge,
+    RequestError,
+    UnprocessableImage,
+    UnsupportedMediaType,
+    describe_validation_errors,
+)
+
+IMAGES_FIELD = "images"
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+MAX_TEXT_FIELDS = 64
+
+Options = TypeVar("Options", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_images: int
+    max_pixels: int
+    max_body_bytes: int
+    allow_url_fetch: bool = False
+    url_fetch_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One entry of the `images` field before decoding: file bytes, or a URL to fetch."""
+
+    name: str  # how error messages refer to it, e.g. "images[2] ('scan.jpg')"
+    data: bytes | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageRequest(Generic[Options]):
+    images: list[Image.Image]
+    options: Options
+
+
+async def read_image_request(request: Request, options_model: type[Options], limits: UploadLimits) -> ImageRequest[Options]:
+    """Parse, check and decode one /classify or /embed request."""
+    body = await read_body(request, limits.max_body_bytes)
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media_type in FORM_TYPES:
+        sources, fields = await parse_form(request.headers, body, limits)
+    elif media_type == "application/json":
+        sources, fields = parse_json(body)
+    else:
+        raise UnsupportedMediaType(
+            f"unsupported content type {media_type!r}: send multipart/form-data with image files under "
+            f"'{IMAGES_FIELD}', or application/json with base64 images under '{IMAGES_FIELD}'"
+        )
+    options = validate_options(options_model, fields)
+    check_image_count(len(sources), limits.max_images)
+    blobs = [await resolve_source(source, limits) for source in sources]
+    images = await anyio.to_thread.run_sync(decode_images, blobs, limits.max_pixels)
+    return ImageRequest(images=images, options=options)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"request body is {int(declared)} bytes, over the limit of {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_form(headers: Headers, body: bytes, limits: UploadLimits) -> tuple[list[ImageSource], dict[str, str]]:
+    """multipart/form-data (or a url-encoded form, which can only carry URLs) into image sources and text fields."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    if headers.get("content-type", "").lower().startswith("application/x-www-form-urlencoded"):
+        parser: FormParser | MultiPartParser = FormParser(headers, stream())
+    else:
+        parser = MultiPartParser(headers, stream(), max_files=limits.max_images + 1, max_fields=MAX_TEXT_FIELDS)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        if str(exc).startswith("Too many files"):
+            raise PayloadTooLarge(too_many_images(limits.max_images)) from None
+        raise RequestError(f"malformed multipart body: {exc}") from None
+    try:
+        sources: list[ImageSource] = []
+        fields: dict[str, str] = {}
+        for key, value in form.multi_items():
+            if key == IMAGES_FIELD:
+                sources.append(await _multipart_source(len(sources), value))
+            elif isinstance(value, UploadFile):
+                raise RequestError(f"field {key!r} must be a text field, not a file (images go under '{IMAGES_FIELD}')")
+            elif key in fields:
+                raise RequestError(f"field {key!r} is given more than once")
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    if not sources:
+        raise RequestError(f"missing field '{IMAGES_FIELD}': upload one or more image files under '{IMAGES_FIELD}'")
+    return sources, fields
+
+
+async def _multipart_source(index: int, value: UploadFile | str) -> ImageSource:
+    if isinstance(value, UploadFile):
+        name = f"{IMAGES_FIELD}[{index}] ({value.filename!r})" if value.filename else f"{IMAGES_FIELD}[{index}]"
+        return ImageSource(name=name, data=await value.read())
+    name = f"{IMAGES_FIELD}[{index}]"
+    if _is_url(value):
+        return ImageSource(name=name, url=value.strip())
+    raise RequestError(f"{name} must be an uploaded file, not a text field")
+
+
+def parse_json(body: bytes) -> tuple[list[ImageSource], dict[str, object]]:
+    try:
+        payload = json.loads(body or b"{}")
+    except ValueError as exc:
+        raise RequestError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(f"JSON body must be an object with an '{IMAGES_FIELD}' list")
+    if IMAGES_FIELD not in payload:
+        raise RequestError(f"missing field '{IMAGES_FIELD}': give a list of base64-encoded images")
+    entries = payload.pop(IMAGES_FIELD)
+    if not isinstance(entries, list) or not entries:
+        raise RequestError(f"field '{IMAGES_FIELD}' must be a non-empty list of base64-encoded images")
+    return [_json_source(i, entry) for i, entry in enumerate(entries)], payload
+
+
+def _json_source(index: int, entry: object) -> ImageSource:
+    name = f"{IMAGES_FIELD}[{index}]"
+    if not isinstance(entry, str):
+        raise RequestError(f"{name} must be a base64 string, not {type(entry).__name__}")
+    if _is_url(entry):
+        return ImageSource(name=name, url=entry.strip())
+    text = entry.strip()
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise RequestError(f"{name}: only base64 data: URIs are accepted")
+    try:
+        return ImageSource(name=name, data=base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(f"{name} is not valid base64: {exc}") from None
+
+
+def _is_url(text: str) -> bool:
+    return text.strip().lower().startswith(("http://", "https://"))
+
+
+def validate_options(options_model: type[Options], fields: dict[str, object]) -> Options:
+    try:
+        return options_model.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestError(describe_validation_errors(exc.errors())) from None
+
+
+def too_many_images(limit: int) -> str:
+    return f"too many images in one request: the limit is {limit}"
+
+
+def check_image_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise PayloadTooLarge(f"{too_many_images(limit)}, this request has {count}")
+
+
+async def resolve_source(source: ImageSource, limits: UploadLimits) -> tuple[str, bytes]:
+    if source.url is None:
+        return source.name, source.data or b""
+    if not limits.allow_url_fetch:
+        raise RequestError(
+            f"{source.name}: this server does not fetch image URLs (the operator has not enabled it); "
+            "upload the image itself"
+        )
+    return source.name, await fetch_url(source.name, source.url, limits)
+
+
+async def fetch_url(name: str, url: str, limits: UploadLimits) -> bytes:
+    """Download an image for a client; only ever called when the operator enabled URL fetching."""
+    try:
+        async with httpx.AsyncClient(timeout=limits.url_fetch_timeout_s, follow_redirects=False) as client:
+            async with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise UnprocessableImage(f"{name}: fetching {url} answered HTTP {response.status_code}")
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > limits.max_body_bytes:
+                        raise PayloadTooLarge(f"{name}: {url} is over the limit of {limits.max_body_bytes} bytes")
+                return bytes(data)
+    except httpx.HTTPError as exc:
+        raise UnprocessableImage(f"{name}: could not fetch {url}: {exc}") from None
+
+
+def decode_images(blobs: Sequence[tuple[str, bytes]], max_pixels: int) -> list[Image.Image]:
+    """Decode every upload fully (so a truncated file fails here, not in the batch), naming the bad one."""
+    images = []
+    for name, data in blobs:
+        try:
+            images.append(load_image(data, max_pixels=max_pixels))
+        except ImageDecodeError as exc:
+            raise UnprocessableImage(f"{name}: {exc}") from None
+    return images

@@ -1,0 +1,256 @@
+"""The serving modules without a server: settings, request parsing and decoding, error bodies, responses,
+reduced-precision and CUDA-provider code paths on CPU."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from models.artifact import ArtifactError, load_artifact
+from models.predictor import Predictor, TopK
+from models.runtimes import OnnxRuntime, PrecisionError, TorchScriptRuntime
+from service.errors import JSONErrorBody, PayloadTooLarge, RequestError, UnprocessableImage, error_message
+from service.launch import server_env
+from service.loading import artifact_dir, warm_up
+from service.model_store import store_tag, tag_part
+from service.schemas import ClassifyOptions, ClassifyResponse, EmbedOptions, EmbedResponse, ModelRef
+from service.settings import ServiceSettings
+from service.uploads import UploadLimits, decode_images, parse_json, read_image_request
+
+LIMITS = UploadLimits(max_images=3, max_pixels=10_000, max_body_bytes=200_000)
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def zero_width_png() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+PNG = encode(Image.new("RGB", (12, 10), (10, 200, 30)))
+
+
+# --- settings ----------------------------------------------------------------------------------------------------
+
+
+def test_settings_read_from_prefixed_environment():
+    settings = ServiceSettings.from_env(
+        {"TRANSFER_SERVE_MAX_BATCH_SIZE": "8", "TRANSFER_SERVE_ALLOW_URL_FETCH": "true", "HOME": "/root"}
+    )
+    assert settings.max_batch_size == 8 and settings.allow_url_fetch is True
+    assert settings.runtime == "auto" and settings.device == "auto" and settings.artifact is None
+    assert ServiceSettings.from_env(settings.to_env()) == settings
+
+
+@pytest.mark.parametrize(
+    "environ, problem",
+    [
+        ({"TRANSFER_SERVE_ARTIFACT": "/a", "TRANSFER_SERVE_MODEL": "m:latest"}, "not both"),
+        ({"TRANSFER_SERVE_RUNTIME": "onnx", "TRANSFER_SERVE_PRECISION": "fp16"}, "torchscript"),
+        ({"TRANSFER_SERVE_MAX_BATCH_SIZE": "1"}, "max_batch_size"),
+        ({"TRANSFER_SERVE_DEVICE": "tpu"}, "device"),
+    ],
+)
+def test_inconsistent_settings_are_refused(environ, problem):
+    with pytest.raises(ValidationError, match=problem):
+        ServiceSettings.from_env(environ)
+
+
+def test_bento_envs_carry_settings_but_not_a_local_path():
+    settings = ServiceSettings(artifact="/some/dir", max_latency_ms=50)
+    assert settings.bento_envs() == [{"name": "TRANSFER_SERVE_MAX_LATENCY_MS", "value": "50"}]
+
+
+def test_server_env_replaces_serving_variables_and_disables_tracking():
+    env = server_env(ServiceSettings(artifact="/a"), {"PATH": "/bin", "TRANSFER_SERVE_MODEL": "x:1"})
+    assert env == {"PATH": "/bin", "TRANSFER_SERVE_ARTIFACT": "/a", "BENTOML_DO_NOT_TRACK": "true"}
+
+
+def test_nothing_to_serve_is_a_clear_error():
+    with pytest.raises(ArtifactError, match="TRANSFER_SERVE_ARTIFACT"):
+        artifact_dir(ServiceSettings(), None)
+
+
+def test_model_store_tags_are_valid():
+    assert tag_part("My Model!") == "my-model"
+    assert tag_part("20260101-120000") == "20260101-120000"
+    with pytest.raises(ArtifactError):
+        tag_part("!!!")
+
+
+# --- request parsing ---------------------------------------------------------------------------------------------
+
+
+def test_json_images_accept_base64_and_data_uris():
+    b64 = base64.b64encode(PNG).decode()
+    sources, options = parse_json(f'{{"images": ["{b64}", "data:image/png;base64,{b64}"], "top_k": 2}}'.encode())
+    assert [s.data for s in sources] == [PNG, PNG] and options == {"top_k": 2}
+
+
+@pytest.mark.parametrize(
+    "body, problem",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be an object"),
+        (b'{"top_k": 1}', "missing field 'images'"),
+        (b'{"images": []}', "non-empty list"),
+        (b'{"images": [42]}', r"images\[0\] must be a base64 string"),
+        (b'{"images": ["%%%"]}', r"images\[0\] is not valid base64"),
+    ],
+)
+def test_malformed_json_requests_name_the_problem(body, problem):
+    with pytest.raises(RequestError, match=problem):
+        parse_json(body)
+
+
+def test_urls_are_kept_as_urls_not_fetched():
+    sources, _ = parse_json(b'{"images": ["https://example.com/cat.png"]}')
+    assert sources[0].url == "https://example.com/cat.png" and sources[0].data is None
+
+
+@pytest.mark.parametrize(
+    "blob, problem",
+    [
+        (b"", "empty file"),
+        (b"plain text", "not an image"),
+        (encode(Image.new("RGB", (64, 64)), "JPEG")[:300], "truncated"),
+        (encode(Image.new("RGB", (8, 8)), "PPM"), "unsupported image format"),
+        (encode(Image.new("L", (200, 200))), "over the limit"),
+        (zero_width_png(), "not an image"),  # Pillow refuses to identify a 0-pixel-wide image at all
+    ],
+)
+def test_undecodable_images_are_named(blob, problem):
+    with pytest.raises(UnprocessableImage, match=problem) as raised:
+        decode_images([("images[1] ('x.png')", PNG), ("images[2] ('bad')", blob)], max_pixels=10_000)
+    assert str(raised.value).startswith("images[2] ('bad'): ")
+
+
+def _parsing_app(options_model) -> TestClient:
+    async def endpoint(request: Request) -> JSONResponse:
+        try:
+            parsed = await read_image_request(request, options_model, LIMITS)
+        except RequestError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.error_code.value)
+        return JSONResponse({"sizes": [im.size for im in parsed.images], "options": parsed.options.model_dump()})
+
+    return TestClient(Starlette(routes=[Route("/", endpoint, methods=["POST"])]))
+
+
+def test_multipart_request_parsed_into_images_and_options():
+    client = _parsing_app(ClassifyOptions)
+    files = [("images", ("a.png", PNG, "image/png")), ("images", ("b.png", PNG, "image/png"))]
+    response = client.post("/", files=files, data={"top_k": "2"})
+    assert response.json() == {"sizes": [[12, 10], [12, 10]], "options": {"top_k": 2}}
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, problem",
+    [
+        (dict(data={"top_k": "2"}), 400, "missing field 'images'"),
+        (dict(files=[("images", ("a.png", PNG, "image/png"))], data={"top_k": "zero"}), 400, "top_k"),
+        (dict(files=[("images", ("a.png", PNG, "image/png"))], data={"topk": "1"}), 400, "unknown field 'topk'"),
+        (dict(files=[("picture", ("a.png", PNG, "image/png"))]), 400, "'picture' must be a text field"),
+        (dict(data={"images": "http://169.254.169.254/latest"}), 400, "does not fetch image URLs"),
+        (dict(data={"images": "not a file"}), 400, "must be an uploaded file"),
+        (dict(files=[("images", ("a.png", PNG, "image/png"))] * 4), 413, "too many images"),
+        (dict(files=[("images", ("a.png", PNG, "image/png"))] * 9), 413, "too many images"),
+        (dict(files=[("images", ("big.bin", b"x" * 300_000, "image/png"))]), 413, "over the limit of 200000 bytes"),
+        (dict(content=b"raw", headers={"content-type": "image/png"}), 415, "unsupported content type"),
+        (dict(files=[("images", ("t.txt", b"text", "text/plain"))]), 422, "not an image"),
+    ],
+)
+def test_bad_requests_get_their_status_and_message(kwargs, status, problem):
+    response = _parsing_app(ClassifyOptions).post("/", **kwargs)
+    assert response.status_code == status
+    assert problem in response.json()["error"]
+
+
+# --- error bodies ------------------------------------------------------------------------------------------------
+
+
+def test_error_message_reads_bentoml_shapes():
+    assert error_message([{"error": "bad top_k"}]) == "bad top_k"
+    assert error_message({"error": "x", "detail": [{"loc": ["images", 0], "msg": "Field required"}]}) == (
+        "images.0: Field required"
+    )
+    assert error_message({"labels": []}) is None
+
+
+def test_json_error_body_middleware_rewrites_only_client_errors():
+    async def listed(_: Request) -> JSONResponse:
+        return JSONResponse([{"error": "too many images"}], status_code=413)
+
+    async def fine(_: Request) -> JSONResponse:
+        return JSONResponse([{"error": "not an error"}])
+
+    app = Starlette(routes=[Route("/listed", listed), Route("/fine", fine)])
+    client = TestClient(JSONErrorBody(app))
+    assert client.get("/listed").json() == {"error": "too many images"}
+    assert client.get("/listed").status_code == 413
+    assert client.get("/fine").json() == [{"error": "not an error"}]
+
+
+def test_request_errors_carry_http_statuses():
+    assert RequestError("x").error_code == 400
+    assert PayloadTooLarge("x").error_code == 413
+    assert UnprocessableImage("x").error_code == 422
+
+
+# --- responses ---------------------------------------------------------------------------------------------------
+
+
+def test_one_image_responses_merge_in_order():
+    model = ModelRef(name="m", version="1")
+    parts = [ClassifyResponse.for_image(model, TopK(labels=[c], probabilities=[0.5])) for c in "ab"]
+    merged = ClassifyResponse.merge(parts)
+    assert [p.top_k[0].label for p in merged.predictions] == ["a", "b"] and merged.model == model
+    vectors = [EmbedResponse.for_image(model, np.full(3, v, np.float32), False) for v in (1.0, 2.0)]
+    assert EmbedResponse.merge(vectors).embeddings == [[1.0] * 3, [2.0] * 3]
+
+
+# --- runtimes: the GPU code paths, exercised on CPU ---------------------------------------------------------------
+
+
+def test_reduced_precision_is_checked_against_fp32_at_load(artifact_dir):
+    artifact = load_artifact(artifact_dir)
+    runtime = TorchScriptRuntime(artifact, device="cpu", precision="bf16")
+    assert runtime.top1_agreement is not None and runtime.top1_agreement >= 0.95
+    assert runtime.describe()["precision"] == "bf16" and "top1_agreement_with_fp32" in runtime.describe()
+    with pytest.raises(PrecisionError, match="serve this model in fp32"):
+        TorchScriptRuntime(artifact, device="cpu", precision="fp16", min_top1_agreement=1.01)
+
+
+def test_onnx_cuda_request_falls_back_to_cpu_provider_without_a_gpu(artifact_dir):
+    runtime = OnnxRuntime(load_artifact(artifact_dir), device="cuda")
+    if "CUDAExecutionProvider" in runtime.providers:
+        pytest.skip("a CUDA GPU is present")
+    assert runtime.providers == ["CPUExecutionProvider"] and runtime.describe()["device"] == "cpu"
+
+
+def test_warm_up_runs_forward_passes(artifact_dir):
+    assert warm_up(Predictor.from_artifact(artifact_dir), batches=1, batch_size=2) is True
+
+
+def test_store_tag_from_manifest(artifact_dir):
+    manifest = load_artifact(artifact_dir).manifest
+    assert store_tag(manifest) == f"{manifest.name}:{manifest.version}".lower()
+    assert store_tag(manifest, "Other Name").startswith("other-name:")
