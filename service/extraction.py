@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from models.artifact import Manifest, load_artifact
-from models.runtimes import default_runtime, resolve_device
+from models.runtimes import DeviceError, default_runtime, resolve_device
 from service.extraction_decode import ImageDecoder
 from service.extraction_schema import (
     ERRORS_DIR,
@@ -173,7 +173,7 @@ def _resolve_execution(config: ExtractionConfig) -> tuple[str, str]:
     else:
         try:
             device = resolve_device(config.device)
-        except RuntimeError as exc:
+        except DeviceError as exc:
             raise ExtractionError(str(exc)) from None
     runtime = default_runtime(device) if config.runtime == "auto" else config.runtime
     if runtime == "onnx" and config.precision != "fp32":
@@ -225,21 +225,25 @@ def _write_text(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def _exclusive(output: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the output folder (released by the OS if the process dies)."""
+    """Hold an exclusive lock on the output folder, released by the OS when this process dies.
+
+    A POSIX record lock (`lockf`), not `flock`: forked decoding workers do not inherit it, so a killed
+    job's orphaned workers cannot keep the folder locked while they wind down.
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on Linux/macOS
         yield
         return
-    with open(output / LOCK_FILE, "a") as handle:
+    with open(output / LOCK_FILE, "a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             raise ExtractionError(f"another extraction job is writing to {output}") from None
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 def prepare_output(output: Path, identity: JobIdentity) -> None:

@@ -258,3 +258,38 @@ def test_cli_bad_input_is_one_line_without_traceback(case: str, expected: str, a
     assert result.exit_code == 2
     assert expected in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_killed_process_resumes_to_the_clean_output(artifact_dir: Path, digits_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL the CLI mid-run (no cleanup code runs), then resume: the output equals an uninterrupted run."""
+    import subprocess
+    import sys
+    import time
+
+    source = tmp_path / "many"
+    for copy in range(7):
+        shutil.copytree(digits_dir, source / f"copy{copy}")  # 420 images -> 53 shards of 8
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    args = ["--shard-size", "8", "--batch-size", "8", "--top-k", "3", "--workers", "1", "--no-progress"]
+    command = [sys.executable, "-c", "from service.cli import app; app()", "extract", str(artifact_dir),
+               "--input", str(source), "--output", str(killed), *args]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / shard_name(2)).exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        process.kill()
+        process.wait()
+    visible = sorted(killed.glob("*.parquet"))
+    assert 3 <= len(visible) < 53, "the job was not killed mid-run"
+    assert all(pq.read_table(p).num_rows == 8 for p in visible)  # every visible shard is whole
+
+    config = dict(shard_size=8, batch_size=8, top_k=3, workers=1)
+    resumed = run_extraction(config_for(artifact_dir, source, killed, **config))
+    assert resumed.shards_skipped == len(visible) and resumed.shards == 53
+    run_extraction(config_for(artifact_dir, source, clean, **config))
+    assert not list(killed.rglob("*.tmp"))
+    for i in range(53):
+        assert (killed / shard_name(i)).read_bytes() == (clean / shard_name(i)).read_bytes()
+    assert (killed / ERRORS_FILE).read_text() == (clean / ERRORS_FILE).read_text() == ""
