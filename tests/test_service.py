@@ -1,0 +1,335 @@
+"""The real server (`transfer-serve serve ARTIFACT`, a subprocess on a free 127.0.0.1 port) over HTTP:
+answers agree with the offline Predictor, concurrent requests are batched, every bad input gets its 4xx
+and the server keeps answering, the OpenAPI page documents the endpoints, and `bentoml build` works."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from models.predictor import Predictor, l2_normalize
+from models.preprocessing import load_image
+from test_service_units import zero_width_png
+
+pytestmark = pytest.mark.slow
+
+SERVER_ENV = {
+    "TRANSFER_SERVE_MAX_IMAGES_PER_REQUEST": "8",
+    "TRANSFER_SERVE_MAX_PIXELS": "10000",  # 100 x 100: the digits are 8 x 8
+    "TRANSFER_SERVE_MAX_BODY_BYTES": "1000000",
+    "TRANSFER_SERVE_MAX_BATCH_SIZE": "16",
+    "TRANSFER_SERVE_MAX_LATENCY_MS": "30000",  # a loaded 2-core test machine must not turn waits into 503s
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server (BentoML stops its workers), then kill whatever of it is left."""
+    try:
+        family = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = [process.pid]
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    port = free_port()
+    home = tmp_path_factory.mktemp("bentoml_home")
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFER_SERVE_")}
+    env |= SERVER_ENV | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    command = [sys.executable, "-m", "service.cli", "serve", str(artifact_dir), "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after 150 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def digit_files(digits_dir: Path) -> list[Path]:
+    return [sorted((digits_dir / label).glob("*.png"))[i] for label in "0123" for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def offline(artifact_dir: Path, digit_files: list[Path]):
+    return Predictor.from_artifact(artifact_dir).predict([load_image(p) for p in digit_files])
+
+
+def upload(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def assert_serving(server: httpx.Client, digit_files: list[Path], offline) -> None:
+    response = server.post("/classify", files=upload(digit_files[:1]), data={"top_k": "1"})
+    assert response.status_code == 200, response.text
+    best = int(np.argmax(offline.probabilities[0]))
+    assert response.json()["predictions"][0]["top_k"][0]["label"] == str(best)
+
+
+# --- answers -----------------------------------------------------------------------------------------------------
+
+
+def test_ready_and_alive(server):
+    assert server.get("/readyz").status_code == 200
+    assert server.get("/livez").status_code == 200
+
+
+def test_classify_agrees_with_the_offline_model(server, digit_files, offline, artifact_dir):
+    response = server.post("/classify", files=upload(digit_files), data={"top_k": "3"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    manifest = Predictor.from_artifact(artifact_dir).manifest
+    assert body["model"] == {"name": manifest.name, "version": manifest.version}
+    assert len(body["predictions"]) == len(digit_files)
+    for prediction, probabilities in zip(body["predictions"], offline.probabilities):
+        order = np.argsort(-probabilities, kind="stable")[:3]
+        assert [s["label"] for s in prediction["top_k"]] == [manifest.labels[i] for i in order]
+        served = [s["probability"] for s in prediction["top_k"]]
+        np.testing.assert_allclose(served, probabilities[order], atol=1e-5)
+
+
+def test_json_base64_variant_matches_multipart(server, digit_files):
+    images = [base64.b64encode(p.read_bytes()).decode() for p in digit_files[:3]]
+    as_json = server.post("/classify", json={"images": images, "top_k": 2})
+    as_files = server.post("/classify", files=upload(digit_files[:3]), data={"top_k": "2"})
+    assert as_json.status_code == 200 and as_json.json() == as_files.json()
+
+
+def test_top_k_is_capped_at_the_number_of_classes(server, digit_files):
+    response = server.post("/classify", files=upload(digit_files[:1]), data={"top_k": "50"})
+    top = response.json()["predictions"][0]["top_k"]
+    assert sorted(s["label"] for s in top) == ["0", "1", "2", "3"]
+    assert sum(s["probability"] for s in top) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_embed_matches_the_artifact_embeddings(server, digit_files, offline):
+    body = server.post("/embed", files=upload(digit_files)).json()
+    embeddings = np.asarray(body["embeddings"], dtype=np.float32)
+    assert body["dim"] == offline.embeddings.shape[1] and body["normalized"] is False
+    np.testing.assert_allclose(embeddings, offline.embeddings, atol=1e-5)
+    normalized = server.post("/embed", json={
+        "images": [base64.b64encode(p.read_bytes()).decode() for p in digit_files], "normalize": True,
+    }).json()  # fmt: skip
+    np.testing.assert_allclose(np.asarray(normalized["embeddings"]), l2_normalize(offline.embeddings), atol=1e-5)
+
+
+def test_metadata_describes_model_runtime_and_limits(server, artifact_dir):
+    body = server.post("/metadata").json()
+    manifest = Predictor.from_artifact(artifact_dir).manifest
+    assert body["labels"] == manifest.labels and body["backbone"] == manifest.backbone
+    assert body["model"]["version"] == manifest.version and body["metrics"] == manifest.metrics
+    assert body["embedding_dim"] == manifest.embedding_dim
+    assert body["runtime"] == {"runtime": "onnx", "device": "cpu", "providers": "CPUExecutionProvider"}
+    assert body["limits"]["max_images_per_request"] == 8 and body["limits"]["allow_url_fetch"] is False
+
+
+def test_openapi_documents_every_endpoint(server):
+    spec = server.get("/docs.json").json()
+    for route, request_type in [("/classify", "multipart/form-data"), ("/embed", "multipart/form-data")]:
+        operation = spec["paths"][route]["post"]
+        schema = operation["requestBody"]["content"][request_type]["schema"]
+        assert {"images"} <= set(schema["properties"]) and schema["required"] == ["images"]
+        assert "properties" in operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert "labels" in spec["paths"]["/metadata"]["post"]["responses"]["200"]["content"]["application/json"]["schema"][
+        "properties"
+    ]
+
+
+# --- batching ----------------------------------------------------------------------------------------------------
+
+
+def batch_size_observations(server: httpx.Client, method: str) -> tuple[float, float]:
+    metrics = server.get("/metrics").text
+    values = {}
+    for kind in ("sum", "count"):
+        pattern = rf'^bentoml_service_adaptive_batch_size_{kind}{{[^}}]*method_name="{method}"[^}}]*}} (\S+)$'
+        values[kind] = sum(float(v) for v in re.findall(pattern, metrics, flags=re.M))
+    return values["sum"], values["count"]
+
+
+def test_concurrent_requests_are_batched(server, digit_files, offline):
+    sum_before, count_before = batch_size_observations(server, "classify")
+
+    def classify(index: int) -> str:
+        path = digit_files[index % len(digit_files)]
+        response = server.post("/classify", files=upload([path]), data={"top_k": "1"})
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"][0]["top_k"][0]["label"]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        labels = list(pool.map(classify, range(48)))
+    expected = [str(int(np.argmax(offline.probabilities[i % len(digit_files)]))) for i in range(48)]
+    assert labels == expected
+    batched_requests, batches = batch_size_observations(server, "classify")
+    batched_requests -= sum_before
+    batches -= count_before
+    assert batched_requests == 48
+    assert batches < batched_requests, "no batch held more than one request"
+
+
+def test_a_bad_image_does_not_fail_the_requests_batched_with_it(server, digit_files, offline):
+    def send(index: int) -> httpx.Response:
+        if index % 4 == 0:
+            return server.post("/classify", files=[("images", ("bad.png", b"garbage", "image/png"))])
+        return server.post("/classify", files=upload([digit_files[index % len(digit_files)]]), data={"top_k": "1"})
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(send, range(32)))
+    for index, response in enumerate(responses):
+        if index % 4 == 0:
+            assert response.status_code == 422 and "not an image" in response.json()["error"]
+        else:
+            best = str(int(np.argmax(offline.probabilities[index % len(digit_files)])))
+            assert response.status_code == 200 and response.json()["predictions"][0]["top_k"][0]["label"] == best
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+JPEG = encode(Image.new("RGB", (64, 64), (200, 30, 30)), "JPEG")
+
+BAD_REQUESTS = {
+    "non-image bytes": (dict(files=[("images", ("a.png", b"hello, not an image", "image/png"))]), 422, "not an image"),
+    "truncated JPEG": (dict(files=[("images", ("a.jpg", JPEG[: len(JPEG) // 2], "image/jpeg"))]), 422, "truncated"),
+    "unsupported format": (
+        dict(files=[("images", ("a.ppm", encode(Image.new("RGB", (8, 8)), "PPM"), "image/x-portable-pixmap"))]),
+        422,
+        "unsupported image format 'PPM'",
+    ),
+    "zero-size image": (dict(files=[("images", ("zero.png", zero_width_png(), "image/png"))]), 422, "images[0]"),
+    "empty file": (dict(files=[("images", ("empty.png", b"", "image/png"))]), 422, "empty file"),
+    "over the pixel limit": (
+        dict(files=[("images", ("big.png", encode(Image.new("L", (400, 400)), "PNG"), "image/png"))]),
+        422,
+        "over the limit of 10000",
+    ),
+    "too many images": (
+        dict(files=[("images", ("a.png", JPEG, "image/jpeg"))] * 9),
+        413,
+        "too many images in one request: the limit is 8",
+    ),
+    "body over the byte limit": (
+        dict(files=[("images", ("huge.png", b"\x89PNG" + bytes(1_200_000), "image/png"))]),
+        413,
+        "over the limit of 1000000 bytes",
+    ),
+    "missing images field": (dict(data={"top_k": "2"}), 400, "missing field 'images'"),
+    "wrong field name": (dict(files=[("image", ("a.jpg", JPEG, "image/jpeg"))]), 400, "'image'"),
+    "unknown option": (dict(json={"images": [base64.b64encode(JPEG).decode()], "k": 2}), 400, "unknown field 'k'"),
+    "JSON without images": (dict(json={"top_k": 2}), 400, "missing field 'images'"),
+    "invalid base64": (dict(json={"images": ["not base64!"]}), 400, "not valid base64"),
+    "invalid JSON": (dict(content=b"{", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+    "URL not fetched": (dict(json={"images": ["http://127.0.0.1:9/secret.png"]}), 400, "does not fetch image URLs"),
+    "unsupported body type": (dict(content=JPEG, headers={"content-type": "image/jpeg"}), 415, "unsupported content"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+@pytest.mark.parametrize("endpoint", ["/classify", "/embed"])
+def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_stays_up(
+    server, endpoint, case, digit_files, offline
+):
+    request, status, problem = BAD_REQUESTS[case]
+    response = server.post(endpoint, **request)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and problem in body["error"]
+    assert_serving(server, digit_files, offline)
+
+
+@pytest.mark.parametrize(
+    "endpoint, option, problem",
+    [("/classify", {"top_k": "-1"}, "top_k: Input should be greater than or equal to 1"),
+     ("/embed", {"normalize": "maybe"}, "normalize: Input should be a valid boolean")],
+)  # fmt: skip
+def test_bad_option_value_is_named(server, endpoint, option, problem, digit_files, offline):
+    response = server.post(endpoint, files=upload(digit_files[:1]), data=option)
+    assert response.status_code == 400 and response.json()["error"].startswith(problem)
+    assert_serving(server, digit_files, offline)
+
+
+# --- the Bento ---------------------------------------------------------------------------------------------------
+
+
+def test_bentoml_build_packs_service_and_model_offline(artifact_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFER_SERVE_")}
+    env |= {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    root = Path(__file__).resolve().parent.parent
+    imported = subprocess.run(
+        [sys.executable, "-m", "service.cli", "import", str(artifact_dir)], env=env, capture_output=True, text=True
+    )
+    assert imported.returncode == 0, imported.stderr
+    tag = re.search(r"model-store tag: (\S+)", imported.stdout).group(1)
+    again = subprocess.run(
+        [sys.executable, "-m", "service.cli", "import", str(artifact_dir)], env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and tag in again.stdout  # importing the same artifact twice is harmless
+
+    built = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", str(root), "--output", "tag"],
+        env=env | {"TRANSFER_SERVE_MODEL": tag},
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    bento_dir = next((tmp_path / "bentoml" / "bentos" / "transfer-serve").glob("*/bento.yaml")).parent
+    info = (bento_dir / "bento.yaml").read_text()
+    assert f"tag: {tag}" in info and "TRANSFER_SERVE_MODEL" in info
+    assert (bento_dir / "src" / "service" / "service.py").is_file()
+    assert (bento_dir / "src" / "models" / "preprocessing.py").is_file()
+    assert "FROM nvidia/cuda" in (bento_dir / "env" / "docker" / "Dockerfile").read_text()
+    requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
+    assert "onnxruntime-gpu" in requirements and "torch" in requirements
