@@ -216,6 +216,53 @@ def backbones() -> None:
 # --- serving commands (import, serve) ---
 
 
+@app.command("import")
+@friendly_errors
+def import_artifact(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    name: Optional[str] = typer.Option(None, help="Model-store name (default: the manifest's model name)."),
+) -> None:
+    """Put an artifact into BentoML's model store, to serve by tag and to pack into a Bento."""
+    from service.model_store import import_artifact as store
+
+    model = store(artifact, name)
+    typer.echo(f"model-store tag: {model.tag}  ({model.path})")
+    typer.echo(f"serve it: TRANSFER_SERVE_MODEL={model.tag} bentoml serve service.service:TransferServe")
+    typer.echo(f"build a Bento: TRANSFER_SERVE_MODEL={model.tag} bentoml build")
+
+
+@app.command()
+@friendly_errors
+def serve(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(3000),
+    runtime: Optional[str] = typer.Option(None, help="auto | onnx | torchscript (default: fastest on the device)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+    precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16 (torchscript only)."),
+    max_batch_size: Optional[int] = typer.Option(None, help="Most images per forward pass (default 32)."),
+    max_latency_ms: Optional[int] = typer.Option(None, help="Longest wait for a batch (default 1000)."),
+) -> None:
+    """Serve a local artifact over HTTP: /classify, /embed, /metadata, /livez, /readyz, /metrics, docs at /.
+
+    Other settings come from TRANSFER_SERVE_* variables (see docs/SERVING.md)."""
+    import os
+
+    from models.artifact import load_artifact
+    from service.launch import server_command, server_env
+    from service.settings import ServiceSettings
+
+    options = dict(runtime=runtime, device=device, precision=precision,
+                   max_batch_size=max_batch_size, max_latency_ms=max_latency_ms)  # fmt: skip
+    from_env = ServiceSettings.from_env().model_dump(exclude_defaults=True, exclude={"model"})
+    settings = ServiceSettings.model_validate(
+        from_env | {"artifact": artifact.resolve()} | {k: v for k, v in options.items() if v is not None}
+    )
+    load_artifact(settings.artifact)  # refuse a missing or modified artifact here, not in the server
+    command = server_command(host, port)
+    os.execve(command[0], command, server_env(settings, os.environ))
+
+
 # --- extraction commands (extract) ---
 
 
