@@ -17,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
-from _bentoml_sdk import IODescriptor
-from _bentoml_sdk.io_models import IOMixin
+from bentoml import IODescriptor
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, SkipValidation
 from starlette.requests import Request
@@ -100,8 +99,8 @@ class EmbedInput(ImageBatchInput):
         return cls(images=[EmbedItem(image, request.options.normalize) for image in request.images])
 
 
-class BatchShares(IOMixin):
-    """Output descriptor mixin: the batched method returns one-image responses; merge a request's share."""
+class BatchShares(IODescriptor):
+    """Output descriptor base: the batched method returns one-image responses; merge one request's share."""
 
     @classmethod
     async def to_http_response(cls, obj: Any, serde: Any) -> Response:

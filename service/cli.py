@@ -284,6 +284,7 @@ def extract(
     ray_concurrency: int = typer.Option(1, help="Ray: inference actors."),
     ray_gpus_per_actor: float = typer.Option(0.0, help="Ray: GPUs per inference actor."),
     ray_num_cpus: Optional[int] = typer.Option(None, help="Ray: CPUs of the local Ray the job starts."),
+    ray_decode_cpus: float = typer.Option(1.0, help="Ray: CPUs per decoding task."),
     progress: bool = typer.Option(True, help="Show a progress bar (images/s, ETA)."),
 ) -> None:
     """Embed and classify every image into resumable Parquet shards (same runtime and preprocessing as the service)."""
@@ -294,7 +295,10 @@ def extract(
         artifact=artifact, input=input, output=output, batch_size=batch_size, shard_size=shard_size, workers=workers,
         top_k=top_k, embedding_dtype=embedding_dtype, runtime=runtime, device=device, precision=precision,
         engine=engine, show_progress=progress,
-        ray=RayOptions(concurrency=ray_concurrency, num_gpus=ray_gpus_per_actor, local_num_cpus=ray_num_cpus),
+        ray=RayOptions(
+            concurrency=ray_concurrency, num_gpus=ray_gpus_per_actor, decode_cpus=ray_decode_cpus,
+            local_num_cpus=ray_num_cpus,
+        ),
     )
     try:
         summary = run_extraction(config)

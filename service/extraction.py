@@ -156,7 +156,7 @@ class JobPlan:
     def predictor_kwargs(self) -> dict:
         """Constructor arguments of `EmbeddingPredictor` (plain data, so Ray can ship them to actors)."""
         return dict(
-            artifact=str(self.config.artifact),
+            artifact=str(Path(self.config.artifact).resolve()),  # actors may run elsewhere
             runtime=self.runtime,
             device=self.device,
             precision=self.config.precision,

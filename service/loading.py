@@ -30,7 +30,8 @@ def artifact_dir(settings: ServiceSettings, stored_model: bentoml.Model | None) 
 def load_predictor(settings: ServiceSettings, stored_model: bentoml.Model | None) -> Predictor:
     # fp16/bf16 are TorchScript modes: asking for one picks that runtime unless a runtime is named
     runtime = "torchscript" if settings.runtime == "auto" and settings.precision != "fp32" else settings.runtime
-    predictor = Predictor.from_artifact(artifact_dir(settings, stored_model), runtime, settings.device, settings.precision)
+    directory = artifact_dir(settings, stored_model)
+    predictor = Predictor.from_artifact(directory, runtime, settings.device, settings.precision)
     manifest = predictor.manifest
     logger.info(
         "serving %s %s (%s) with %s", manifest.name, manifest.version, manifest.backbone, predictor.runtime.describe()

@@ -18,7 +18,7 @@ from service.schemas import ClassifyResponse, EmbedResponse, ModelMetadata, Mode
 from service.settings import ServiceSettings
 
 settings = ServiceSettings.from_env()
-batching = dict(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
+BATCHING = dict(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
 
 
 @bentoml.service(name="transfer-serve", envs=settings.bento_envs(), traffic={"timeout": 60})
@@ -35,18 +35,18 @@ class TransferServe:
     def __is_ready__(self) -> bool:
         return self.ready
 
-    @bentoml.api(input_spec=ClassifyInput.with_limits(settings.upload_limits()), output_spec=ClassifyOutput, **batching)
+    @bentoml.api(input_spec=ClassifyInput.with_limits(settings.upload_limits()), output_spec=ClassifyOutput, **BATCHING)
     def classify(self, images: list[ClassifyItem]) -> list[ClassifyResponse]:
-        """Top-k labels per image: files under `images` (multipart) or JSON `{"images": [base64, ...], "top_k": 3}`."""
+        """Top-k labels per image: files under `images` (multipart), or JSON `{"images": [base64], "top_k": 3}`."""
         probabilities = self.predictor.predict([item.image for item in images]).probabilities
         return [
             ClassifyResponse.for_image(self.model, self.predictor.top_k(row[None], item.top_k)[0])
             for row, item in zip(probabilities, images)
         ]
 
-    @bentoml.api(input_spec=EmbedInput.with_limits(settings.upload_limits()), output_spec=EmbedOutput, **batching)
+    @bentoml.api(input_spec=EmbedInput.with_limits(settings.upload_limits()), output_spec=EmbedOutput, **BATCHING)
     def embed(self, images: list[EmbedItem]) -> list[EmbedResponse]:
-        """Embedding per image: files under `images` (multipart) or JSON `{"images": [base64, ...], "normalize": true}`."""
+        """Embedding per image: files under `images` (multipart), or JSON `{"images": [base64], "normalize": true}`."""
         embeddings = self.predictor.predict([item.image for item in images]).embeddings
         return [
             EmbedResponse.for_image(self.model, l2_normalize(row[None])[0] if item.normalize else row, item.normalize)

@@ -62,7 +62,9 @@ class ImageRequest(Generic[Options]):
     options: Options
 
 
-async def read_image_request(request: Request, options_model: type[Options], limits: UploadLimits) -> ImageRequest[Options]:
+async def read_image_request(
+    request: Request, options_model: type[Options], limits: UploadLimits
+) -> ImageRequest[Options]:
     """Parse, check and decode one /classify or /embed request."""
     body = await read_body(request, limits.max_body_bytes)
     media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
@@ -119,7 +121,7 @@ async def parse_form(headers: Headers, body: bytes, limits: UploadLimits) -> tup
             if key == IMAGES_FIELD:
                 sources.append(await _multipart_source(len(sources), value))
             elif isinstance(value, UploadFile):
-                raise RequestError(f"field {key!r} must be a text field, not a file (images go under '{IMAGES_FIELD}')")
+                raise RequestError(f"field {key!r} must be a text field, not a file (images go under {IMAGES_FIELD!r})")
             elif key in fields:
                 raise RequestError(f"field {key!r} is given more than once")
             else:

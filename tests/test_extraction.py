@@ -293,3 +293,15 @@ def test_killed_process_resumes_to_the_clean_output(artifact_dir: Path, digits_d
     for i in range(53):
         assert (killed / shard_name(i)).read_bytes() == (clean / shard_name(i)).read_bytes()
     assert (killed / ERRORS_FILE).read_text() == (clean / ERRORS_FILE).read_text() == ""
+
+
+def test_shards_of_only_unreadable_files_are_empty_but_complete(artifact_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "bad"
+    source.mkdir()
+    (source / "a.jpg").write_bytes(b"")
+    (source / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    summary = run_extraction(config_for(artifact_dir, source, tmp_path / "out", shard_size=1))
+    assert (summary.shards, summary.rows, summary.errors) == (2, 0, 2)
+    assert [pq.read_table(tmp_path / "out" / shard_name(i)).num_rows for i in range(2)] == [0, 0]
+    assert pd.read_parquet(tmp_path / "out").empty
+    assert [e.index for e in read_errors(tmp_path / "out")] == [0, 1]

@@ -69,7 +69,8 @@ def server(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFER_SERVE_")}
     env |= SERVER_ENV | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    command = [sys.executable, "-m", "service.cli", "serve", str(artifact_dir), "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "service.cli", "serve", str(artifact_dir), "--host", "127.0.0.1"]
+    command += ["--port", str(port)]
     with open(log, "wb") as output:
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -4,8 +4,10 @@ reduced-precision and CUDA-provider code paths on CPU."""
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -182,6 +184,47 @@ def test_bad_requests_get_their_status_and_message(kwargs, status, problem):
     response = _parsing_app(ClassifyOptions).post("/", **kwargs)
     assert response.status_code == status
     assert problem in response.json()["error"]
+
+
+@pytest.fixture
+def image_host():
+    """A loopback HTTP server with one PNG at /digit.png (and 404 elsewhere)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            found = self.path == "/digit.png"
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Length", str(len(PNG) if found else 0))
+            self.end_headers()
+            if found:
+                self.wfile.write(PNG)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=host.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{host.server_address[1]}"
+    host.shutdown()
+    host.server_close()
+
+
+def test_urls_are_fetched_only_when_the_operator_allows_it(image_host):
+    async def endpoint(request: Request) -> JSONResponse:
+        limits = UploadLimits(max_images=2, max_pixels=10_000, max_body_bytes=10_000, allow_url_fetch=True)
+        try:
+            parsed = await read_image_request(request, ClassifyOptions, limits)
+        except RequestError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.error_code.value)
+        return JSONResponse({"sizes": [im.size for im in parsed.images]})
+
+    client = TestClient(Starlette(routes=[Route("/", endpoint, methods=["POST"])]))
+    assert client.post("/", json={"images": [f"{image_host}/digit.png"]}).json() == {"sizes": [[12, 10]]}
+    missing = client.post("/", json={"images": [f"{image_host}/nothing.png"]})
+    assert missing.status_code == 422 and "answered HTTP 404" in missing.json()["error"]
+    refused = _parsing_app(ClassifyOptions).post("/", json={"images": [f"{image_host}/digit.png"]})
+    assert refused.status_code == 400 and "does not fetch image URLs" in refused.json()["error"]
 
 
 # --- error bodies ------------------------------------------------------------------------------------------------
