@@ -241,7 +241,7 @@ def serve(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
     precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16 (torchscript only)."),
     max_batch_size: Optional[int] = typer.Option(None, help="Most images per forward pass (default 32)."),
-    max_latency_ms: Optional[int] = typer.Option(None, help="Longest wait for a batch (default 1000)."),
+    max_latency_ms: Optional[int] = typer.Option(None, help="Longest wait for a batch before a 503 (default 10000)."),
 ) -> None:
     """Serve a local artifact over HTTP: /classify, /embed, /metadata, /livez, /readyz, /metrics, docs at /.
 

@@ -37,7 +37,7 @@ class ServiceSettings(BaseModel):
     device: DeviceName = Field("auto", description="auto (cuda when a GPU is present) | cpu | cuda.")
     precision: Precision = Field("fp32", description="fp16/bf16 need the torchscript runtime.")
     max_batch_size: int = Field(32, ge=2, description="Most images in one forward pass (adaptive batching).")
-    max_latency_ms: int = Field(1000, gt=0, description="Longest a request may wait for its batch.")
+    max_latency_ms: int = Field(10_000, gt=0, description="Longest a request may wait for its batch (then 503).")
     max_images_per_request: int = Field(32, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Per image, checked before decoding.")
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import io
 import os
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -62,15 +64,15 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def server(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+@contextlib.contextmanager
+def running_server(artifact_dir: Path, home: Path, *options: str, **settings: str) -> Iterator[httpx.Client]:
+    """`transfer-serve serve ARTIFACT` on a free loopback port; yields a client once /readyz says ready."""
     port = free_port()
-    home = tmp_path_factory.mktemp("bentoml_home")
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    log = home / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFER_SERVE_")}
-    env |= SERVER_ENV | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    env |= settings | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     command = [sys.executable, "-m", "service.cli", "serve", str(artifact_dir), "--host", "127.0.0.1"]
-    command += ["--port", str(port)]
+    command += ["--port", str(port), *options]
     with open(log, "wb") as output:
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -91,6 +93,12 @@ def server(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             yield client
     finally:
         stop(process)
+
+
+@pytest.fixture(scope="module")
+def server(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    with running_server(artifact_dir, tmp_path_factory.mktemp("bentoml_home"), **SERVER_ENV) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +307,16 @@ def test_bad_option_value_is_named(server, endpoint, option, problem, digit_file
     response = server.post(endpoint, files=upload(digit_files[:1]), data=option)
     assert response.status_code == 400 and response.json()["error"].startswith(problem)
     assert_serving(server, digit_files, offline)
+
+
+def test_torchscript_in_bf16_serves_on_cpu(artifact_dir, tmp_path, digit_files):
+    """The GPU configuration (TorchScript, reduced precision) exercised on CPU: checked against fp32 at load."""
+    with running_server(artifact_dir, tmp_path, "--precision", "bf16", TRANSFER_SERVE_WARMUP_BATCHES="1") as client:
+        runtime = client.post("/metadata").json()["runtime"]
+        assert runtime["runtime"] == "torchscript" and runtime["precision"] == "bf16" and runtime["device"] == "cpu"
+        assert float(runtime["top1_agreement_with_fp32"]) >= 0.95
+        response = client.post("/classify", files=upload(digit_files[:3]), data={"top_k": "2"})
+        assert response.status_code == 200 and len(response.json()["predictions"]) == 3
 
 
 # --- the Bento ---------------------------------------------------------------------------------------------------
