@@ -27,7 +27,7 @@ from service.errors import JSONErrorBody, PayloadTooLarge, RequestError, Unproce
 from service.launch import server_env
 from service.loading import artifact_dir, warm_up
 from service.model_store import store_tag, tag_part
-from service.schemas import ClassifyOptions, ClassifyResponse, EmbedOptions, EmbedResponse, ModelRef
+from service.schemas import ClassifyOptions, ClassifyResponse, EmbedResponse, ModelRef
 from service.settings import ServiceSettings
 from service.uploads import UploadLimits, decode_images, parse_json, read_image_request
 
