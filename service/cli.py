@@ -68,60 +68,50 @@ def demo_data(output: Path = typer.Argument(DEFAULT_DEMO_DIR / "digits", help="F
     typer.echo(f"wrote {count} images to {output}")
 
 
+def _option(field: str, *flags: str) -> typer.models.OptionInfo:
+    """A CLI option whose default and help come from TrainConfig, so the two never disagree."""
+    from training.config import TrainConfig
+
+    info = TrainConfig.model_fields[field]
+    return typer.Option(info.default, *flags, help=info.description)
+
+
 @app.command()
 @friendly_errors
 def train(
     data: Path = typer.Option(..., "--data", help="Image folder (one sub-folder per class) or CSV manifest."),
     output: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<data name>)."),
-    backbone: str = typer.Option("efficientnet_lite0", help="Backbone name (see `transfer-serve backbones`)."),
-    weights: str = typer.Option("imagenet", help="'imagenet', 'none' (random init) or a state-dict file."),
-    strategy: str = typer.Option("discriminative", help="linear-probe | finetune | discriminative | gradual."),
-    epochs: int = typer.Option(8),
-    batch_size: int = typer.Option(32),
-    lr: float = typer.Option(1e-3, help="Head learning rate (lower layer groups get less)."),
-    lr_spread: float = typer.Option(100.0, help="Head LR / stem LR for discriminative and gradual."),
-    weight_decay: float = typer.Option(0.01),
-    optimizer: str = typer.Option("adamw", help="adamw | sgd."),
-    schedule: str = typer.Option("cosine", help="cosine | onecycle."),
-    label_smoothing: float = typer.Option(0.1),
-    image_size: Optional[int] = typer.Option(None, help="Input side in pixels (default: the backbone's)."),
-    horizontal_flip: bool = typer.Option(True, help="Random horizontal flips (turn off for text, digits...)."),
-    patience: int = typer.Option(3, help="Early stopping: epochs without validation improvement."),
-    workers: int = typer.Option(2, help="Image-decoding worker processes."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    resume: bool = typer.Option(False, help="Continue the run in --output from its last checkpoint."),
-    export: bool = typer.Option(True, help="Export the artifact at the end."),
-    name: Optional[str] = typer.Option(None, help="Model name in the artifact."),
+    backbone: str = _option("backbone"),
+    weights: str = _option("weights"),
+    strategy: str = _option("strategy"),
+    epochs: int = _option("epochs"),
+    batch_size: int = _option("batch_size"),
+    lr: float = _option("lr"),
+    lr_spread: float = _option("lr_spread"),
+    weight_decay: float = _option("weight_decay"),
+    optimizer: str = _option("optimizer"),
+    schedule: str = _option("schedule"),
+    label_smoothing: float = _option("label_smoothing"),
+    dropout: float = _option("dropout"),
+    image_size: Optional[int] = _option("image_size"),
+    horizontal_flip: bool = _option("horizontal_flip"),
+    class_weights: bool = _option("class_weights"),
+    val_fraction: float = _option("val_fraction"),
+    test_fraction: float = _option("test_fraction"),
+    patience: int = _option("patience"),
+    workers: int = _option("workers"),
+    seed: int = _option("seed"),
+    device: str = _option("device"),
+    resume: bool = _option("resume"),
+    export: bool = _option("export"),
+    name: Optional[str] = _option("name"),
 ) -> None:
     """Fine-tune a backbone on labelled images, evaluate on the held-out test split, and export."""
     from training.config import TrainConfig
     from training.trainer import train as run_training
 
-    config = TrainConfig(
-        data=data,
-        output=output or Path("runs") / data.stem,
-        backbone=backbone,
-        weights=weights,
-        strategy=strategy,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        lr_spread=lr_spread,
-        weight_decay=weight_decay,
-        optimizer=optimizer,
-        schedule=schedule,
-        label_smoothing=label_smoothing,
-        image_size=image_size,
-        horizontal_flip=horizontal_flip,
-        patience=patience,
-        workers=workers,
-        seed=seed,
-        device=device,
-        resume=resume,
-        export=export,
-        name=name,
-    )
+    options = {k: v for k, v in locals().items() if k in TrainConfig.model_fields}
+    config = TrainConfig(**(options | {"output": output or Path("runs") / data.stem}))
     _report_training(run_training(config))
 
 
