@@ -7,6 +7,7 @@ into the transforms that training and inference use, so no other module resizes 
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -104,6 +105,9 @@ def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
+        declared = _declared_size(source if isinstance(source, bytes) else Path(source).read_bytes()[:32])
+        if declared is not None and 0 in declared:
+            raise ImageDecodeError(f"zero-size image ({declared[0]}x{declared[1]})") from None
         raise ImageDecodeError("not an image: the bytes match no supported image format") from None
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression bomb refused: {exc}") from None
@@ -111,6 +115,15 @@ def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
         raise ImageDecodeError(f"file not found: {source}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
+
+
+def _declared_size(header: bytes) -> tuple[int, int] | None:
+    """Width and height a PNG or GIF header declares; Pillow refuses to identify 0-pixel images at all."""
+    if header.startswith(b"\x89PNG\r\n\x1a\n") and header[12:16] == b"IHDR" and len(header) >= 24:
+        return struct.unpack(">II", header[16:24])
+    if header[:6] in (b"GIF87a", b"GIF89a") and len(header) >= 10:
+        return struct.unpack("<HH", header[6:10])
+    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -67,6 +67,12 @@ def test_bad_bytes_raise_named_errors(payload, reason):
         load_image(payload)
 
 
+def test_zero_size_image_named_as_such():
+    header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + (0).to_bytes(4, "big") + (10).to_bytes(4, "big")
+    with pytest.raises(ImageDecodeError, match="zero-size image"):
+        load_image(header + b"\x08\x02\x00\x00\x00rest")
+
+
 def test_pixel_limit_checked_before_decoding():
     with pytest.raises(ImageDecodeError, match="over the limit"):
         load_image(_encode(Image.new("L", (300, 300))), max_pixels=10_000)

@@ -137,7 +137,7 @@ def test_urls_are_kept_as_urls_not_fetched():
         (encode(Image.new("RGB", (64, 64)), "JPEG")[:300], "truncated"),
         (encode(Image.new("RGB", (8, 8)), "PPM"), "unsupported image format"),
         (encode(Image.new("L", (200, 200))), "over the limit"),
-        (zero_width_png(), "not an image"),  # Pillow refuses to identify a 0-pixel-wide image at all
+        (zero_width_png(), "zero-size image"),
     ],
 )
 def test_undecodable_images_are_named(blob, problem):
