@@ -175,6 +175,23 @@ def test_embed_matches_the_artifact_embeddings(server, digit_files, offline):
     np.testing.assert_allclose(np.asarray(normalized["embeddings"]), l2_normalize(offline.embeddings), atol=1e-5)
 
 
+def test_extraction_job_embeddings_equal_the_service_embed_answer(server, digit_files, offline, artifact_dir, tmp_path):
+    """The batch job and the HTTP service share runtime and preprocessing: same image, same vector."""
+    import pandas as pd
+
+    from service.extraction import ExtractionConfig, run_extraction
+
+    manifest = tmp_path / "inputs.csv"
+    manifest.write_text("path\n" + "".join(f"{p}\n" for p in digit_files))
+    run_extraction(ExtractionConfig(artifact=artifact_dir, input=manifest, output=tmp_path / "out", workers=0,
+                                    show_progress=False))
+    rows = pd.read_parquet(tmp_path / "out").set_index("path")
+    job = np.stack([rows.loc[str(p.resolve()), "embedding"] for p in digit_files]).astype(np.float32)
+    served = np.asarray(server.post("/embed", files=upload(digit_files)).json()["embeddings"], dtype=np.float32)
+    np.testing.assert_allclose(job, served, atol=1e-5)
+    np.testing.assert_allclose(job, offline.embeddings, atol=1e-5)
+
+
 def test_metadata_describes_model_runtime_and_limits(server, artifact_dir):
     body = server.post("/metadata").json()
     manifest = Predictor.from_artifact(artifact_dir).manifest
