@@ -5,7 +5,7 @@ import torch
 
 import training.trainer as trainer
 from models.artifact import load_artifact
-from tests.conftest import CORRUPT_IMAGE, tiny_config
+from conftest import CORRUPT_IMAGE, tiny_config
 from training.data import DataError
 
 
