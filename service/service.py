@@ -16,8 +16,10 @@ from service.errors import JSONErrorBody
 from service.loading import load_predictor, warm_up
 from service.schemas import ClassifyResponse, EmbedResponse, ModelMetadata, ModelRef
 from service.settings import ServiceSettings
+from service.shutdown import refuse_new_connections_on_shutdown, shutting_down
 
 settings = ServiceSettings.from_env()
+refuse_new_connections_on_shutdown()  # SIGTERM: readiness false, new connections refused, in-flight finish
 BATCHING = dict(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
 
 
@@ -33,7 +35,7 @@ class TransferServe:
         self.ready = warm_up(self.predictor, settings.warmup_batches, settings.max_batch_size)
 
     def __is_ready__(self) -> bool:
-        return self.ready
+        return self.ready and not shutting_down()
 
     @bentoml.api(input_spec=ClassifyInput.with_limits(settings.upload_limits()), output_spec=ClassifyOutput, **BATCHING)
     def classify(self, images: list[ClassifyItem]) -> list[ClassifyResponse]:
