@@ -20,7 +20,13 @@ from service.shutdown import refuse_new_connections_on_shutdown, shutting_down
 
 settings = ServiceSettings.from_env()
 refuse_new_connections_on_shutdown()  # SIGTERM: readiness false, new connections refused, in-flight finish
-BATCHING = dict(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
+# max_batch_size 1 turns adaptive batching off (BentoML refuses a batchable API with a max batch of 1): each
+# request then runs its own images in one forward pass, as soon as it arrives
+BATCHING = (
+    dict(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
+    if settings.max_batch_size > 1
+    else dict(batchable=False)
+)
 
 
 @bentoml.service(name="transfer-serve", envs=settings.bento_envs(), traffic={"timeout": 60})

@@ -36,7 +36,9 @@ class ServiceSettings(BaseModel):
     runtime: RuntimeName = Field("auto", description="auto (fastest measured on the device) | onnx | torchscript.")
     device: DeviceName = Field("auto", description="auto (cuda when a GPU is present) | cpu | cuda.")
     precision: Precision = Field("fp32", description="fp16/bf16 need the torchscript runtime.")
-    max_batch_size: int = Field(32, ge=2, description="Most images in one forward pass (adaptive batching).")
+    max_batch_size: int = Field(
+        32, ge=1, description="Most images in one forward pass (adaptive batching); 1 turns batching off."
+    )
     max_latency_ms: int = Field(10_000, gt=0, description="Longest a request may wait for its batch (then 503).")
     max_images_per_request: int = Field(32, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Per image, checked before decoding.")

@@ -68,7 +68,7 @@ def test_settings_read_from_prefixed_environment():
     [
         ({"TRANSFER_SERVE_ARTIFACT": "/a", "TRANSFER_SERVE_MODEL": "m:latest"}, "not both"),
         ({"TRANSFER_SERVE_RUNTIME": "onnx", "TRANSFER_SERVE_PRECISION": "fp16"}, "torchscript"),
-        ({"TRANSFER_SERVE_MAX_BATCH_SIZE": "1"}, "max_batch_size"),
+        ({"TRANSFER_SERVE_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
         ({"TRANSFER_SERVE_DEVICE": "tpu"}, "device"),
     ],
 )

@@ -1,0 +1,234 @@
+"""HTTP service speed over loopback: a bounded load generator against `transfer-serve serve` on 127.0.0.1.
+
+    python benchmarks/service.py --quick                 # seconds-to-a-minute: 2 configs x small load
+    python benchmarks/service.py                         # 1..64 clients, 1 and 4 JPEGs per request
+    python benchmarks/service.py --artifact DIR --device cuda
+
+For each server configuration (adaptive batching on: TRANSFER_SERVE_MAX_BATCH_SIZE=32; off: =1), the
+generator runs C concurrent clients (asyncio + httpx, one connection each), each sending multipart
+/classify requests with K real JPEG files (320x240, decoded and preprocessed by the server) back to back,
+until `--requests` requests are answered or `--seconds` have passed: it stops by itself. It reports images/s,
+p50/p95/p99 request latency, and the mean batch size the server ran (from BentoML's /metrics histogram
+`bentoml_service_adaptive_batch_size`). Before the servers start it measures the raw runtime the server
+uses (the default one, in this process, at batch 16, pre-decoded inputs) and the same runtime end to end
+from JPEG bytes (decode + preprocess + inference, one thread), so the HTTP figures have their ceilings beside
+them. Client and server share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import export_model, machine, percentile, table, timed  # noqa: E402
+
+
+def jpeg_payloads(count: int, seed: int = 0) -> list[bytes]:
+    """`count` distinct 320x240 JPEGs (smooth gradients + noise, so they decode like photos)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:240, 0:320].astype(np.float32)
+    payloads = []
+    for _ in range(count):
+        colour = rng.uniform(0, 255, size=(3, 1, 1))
+        angle = rng.uniform(0, np.pi)
+        ramp = (np.cos(angle) * x + np.sin(angle) * y) / 400.0
+        pixels = colour * (0.5 + 0.5 * np.sin(ramp * rng.uniform(2, 12))) + rng.normal(0, 12, size=(3, 240, 320))
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(buffer, "JPEG", quality=90)
+        payloads.append(buffer.getvalue())
+    return payloads
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    import psutil
+
+    try:
+        family = [process.pid] + [c.pid for c in psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = [process.pid]
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def server(artifact: Path, home: Path, *options: str, **settings: str) -> Iterator[str]:
+    """`transfer-serve serve ARTIFACT` on a free 127.0.0.1 port; yields its URL once /readyz says ready."""
+    port = free_port()
+    log = home / f"server-{port}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFER_SERVE_")}
+    env |= settings | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    command = [sys.executable, "-m", "service.cli", "serve", str(artifact), "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as output:
+        process = subprocess.Popen([*command, *options], env=env, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after 180 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop(process)
+
+
+def batch_histogram(url: str, method: str = "classify") -> tuple[float, float]:
+    """(sum, count) of the server's adaptive batch size histogram for `method` (0, 0 before any batch)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = {}
+    for kind in ("sum", "count"):
+        pattern = rf'^bentoml_service_adaptive_batch_size_{kind}\{{[^}}]*method_name="{method}"[^}}]*\}} ([0-9.e+]+)'
+        found[kind] = sum(float(v) for v in re.findall(pattern, text, flags=re.M))
+    return found["sum"], found["count"]
+
+
+async def load(url: str, payloads: list[bytes], clients: int, per_request: int, requests: int, seconds: float):
+    """Closed loop: `clients` coroutines send back to back until `requests` are answered or `seconds` pass."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    issued = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(index: int, http: httpx.AsyncClient) -> None:
+        nonlocal issued
+        while issued < requests and time.perf_counter() < deadline:
+            number = issued
+            issued += 1
+            files = [("images", (f"{number}_{i}.jpg", payloads[(number * per_request + i) % len(payloads)], "image/jpeg"))
+                     for i in range(per_request)]
+            started = time.perf_counter()
+            try:
+                response = await http.post("/classify", files=files)
+                ok = response.status_code == 200
+                if not ok:
+                    errors.append(f"{response.status_code} {response.text[:100]}")
+            except httpx.HTTPError as exc:
+                ok = False
+                errors.append(f"{type(exc).__name__}: {exc}")
+            if ok:
+                latencies.append(time.perf_counter() - started)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        await http.post("/classify", files=[("images", ("w.jpg", payloads[0], "image/jpeg"))])  # open a connection
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        wall = time.perf_counter() - started
+    return latencies, errors, wall
+
+
+def raw_reference(artifact: Path, payloads: list[bytes], device: str, batch_size: int, min_seconds: float) -> list[list[object]]:
+    """The server's default runtime in this process at `batch_size`: raw (pre-decoded) and end to end from JPEG bytes."""
+    from models.predictor import Predictor
+    from models.preprocessing import load_image
+
+    predictor = Predictor.from_artifact(artifact, device=device)
+    chosen = [payloads[i % len(payloads)] for i in range(batch_size)]
+    batch = predictor.preprocess([load_image(p) for p in chosen])
+    raw = timed(lambda: predictor.predict_batch(batch), 3, min_seconds)
+    decode = timed(lambda: predictor.preprocess([load_image(p) for p in chosen]), 3, min_seconds)
+    e2e = timed(lambda: predictor.predict([load_image(p) for p in chosen]), 3, min_seconds)
+    name = predictor.runtime.describe()["runtime"]
+    return [
+        [f"raw {name}", batch_size, f"{batch_size / np.mean(raw):.1f}", f"{np.median(raw) * 1e3:.0f}"],
+        ["decode + preprocess only (1 thread)", batch_size, f"{batch_size / np.mean(decode):.1f}", f"{np.median(decode) * 1e3:.0f}"],
+        [f"decode + preprocess + {name} (1 thread)", batch_size, f"{batch_size / np.mean(e2e):.1f}", f"{np.median(e2e) * 1e3:.0f}"],
+    ]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 and 4 clients, 1 and 2 images, 12 requests each.")
+    parser.add_argument("--artifact", type=Path, default=None, help="default: efficientnet_lite0 (ImageNet) exported here")
+    parser.add_argument("--backbone", default="efficientnet_lite0", help="exported when no --artifact is given")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--clients", type=int, nargs="+", default=None)
+    parser.add_argument("--images-per-request", type=int, nargs="+", default=None)
+    parser.add_argument("--requests", type=int, default=None, help="most requests per scenario")
+    parser.add_argument("--seconds", type=float, default=None, help="most seconds per scenario")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1], help="server max batch sizes (1 = off)")
+    parser.add_argument("--reference-batch", type=int, default=16)
+    args = parser.parse_args(argv)
+    args.clients = args.clients or ([1, 4] if args.quick else [1, 4, 16, 64])
+    args.images_per_request = args.images_per_request or ([1, 2] if args.quick else [1, 4])
+    args.requests = args.requests or (12 if args.quick else 400)
+    args.seconds = args.seconds or (20.0 if args.quick else 30.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[list[object]]:
+    args = parse_args(argv)
+    print(f"# service benchmark, {args.device}; {machine(args.device)}")
+    payloads = jpeg_payloads(64)
+    rows: list[list[object]] = []
+    with tempfile.TemporaryDirectory(prefix="service-bench-") as scratch:
+        scratch = Path(scratch)
+        weights = "imagenet" if args.backbone == "efficientnet_lite0" else "none"
+        artifact = args.artifact or export_model(scratch, args.backbone, weights)
+        reference = raw_reference(artifact, payloads, args.device, args.reference_batch, 1.0 if args.quick else 5.0)
+        print(table(["in-process reference", "batch", "images/s", "p50 ms"], reference), flush=True)
+        for max_batch in args.batch_sizes:
+            label = "off (max batch 1)" if max_batch == 1 else f"on (max batch {max_batch})"
+            home = scratch / f"home-{max_batch}"
+            home.mkdir()
+            settings = {"TRANSFER_SERVE_MAX_BATCH_SIZE": str(max_batch), "TRANSFER_SERVE_MAX_LATENCY_MS": "60000",
+                        "TRANSFER_SERVE_DEVICE": args.device}
+            with server(artifact, home, **settings) as url:
+                for per_request in args.images_per_request:
+                    for clients in args.clients:
+                        before = batch_histogram(url)
+                        latencies, errors, wall = asyncio.run(
+                            load(url, payloads, clients, per_request, args.requests, args.seconds))
+                        after = batch_histogram(url)
+                        batches = after[1] - before[1]
+                        mean_batch = (after[0] - before[0]) / batches if batches else float(per_request)  # off: one request per pass
+                        row = [label, clients, per_request, len(latencies), f"{len(latencies) * per_request / wall:.1f}",
+                               f"{percentile(latencies, 50) * 1e3:.0f}", f"{percentile(latencies, 95) * 1e3:.0f}",
+                               f"{percentile(latencies, 99) * 1e3:.0f}", f"{mean_batch:.1f}", len(errors)]
+                        rows.append(row)
+                        print("| " + " | ".join(str(c) for c in row) + " |", file=sys.stderr, flush=True)
+                        if errors:
+                            print(f"# first error: {errors[0]}", file=sys.stderr)
+    print(table(["batching", "clients", "images/request", "requests", "images/s", "p50 ms", "p95 ms", "p99 ms",
+                 "mean batch", "errors"], rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
