@@ -52,3 +52,12 @@ def trained_run(training_data: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def artifact_dir(trained_run) -> Path:
     return trained_run.artifact
+
+
+@pytest.fixture(scope="session")
+def reliability_server(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One real server (the limits of test_service.SERVER_ENV) shared by the fuzz, hostile-image and soak tests."""
+    from test_service import SERVER_ENV, running_server
+
+    with running_server(artifact_dir, tmp_path_factory.mktemp("reliability_home"), **SERVER_ENV) as client:
+        yield client
