@@ -1,0 +1,113 @@
+"""The benchmarks keep running (each `--quick` mode, shrunk further, so CI notices when one rots), and the
+fast inference paths they measure give the same top-1 class as fp32 eager PyTorch on real photographs."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runtime_benchmark_quick():
+    rows = load("runtime").main(["--quick", "--batch-sizes", "2", "--image-size", "32", "--min-iters", "1",
+                                 "--runtimes", "eager-fp32", "eager-bf16-cl", "torchscript", "onnx"])
+    assert [row[1] for row in rows] == ["eager-fp32", "eager-bf16-cl", "torchscript", "onnx"]
+    assert all(float(row[3]) > 0 for row in rows), rows
+
+
+def test_training_benchmark_quick():
+    steps, epochs = load("training").main(["--quick", "--weights", "none", "--steps", "1", "--per-class", "6"])
+    assert [row[0] for row in steps] == ["fp32 eager NCHW", "fp32 channels_last"]
+    assert len(epochs) == 1 and float(epochs[0][1]) > 0
+
+
+def test_extraction_benchmark_quick():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "extraction.py"), "--images", "8", "--workers", "0",
+                             "--batch-size", "4"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| local | 0 | 4 | 8 |" in result.stdout
+
+
+@pytest.mark.slow
+def test_service_benchmark_quick(artifact_dir: Path):
+    rows = load("service").main(["--quick", "--artifact", str(artifact_dir), "--clients", "2", "--requests", "4",
+                                 "--images-per-request", "1", "--batch-sizes", "4", "1", "--reference-batch", "2"])
+    assert [(row[0], row[3], row[-1]) for row in rows] == [("on (max batch 4)", 4, 0), ("off (max batch 1)", 4, 0)]
+
+
+def test_run_gpu_script_names_every_benchmark():
+    script = (BENCHMARKS / "run_gpu.sh").read_text()
+    for name in ("runtime.py", "service.py", "training.py", "extraction.py"):
+        assert name in script
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """Real photographs (scikit-image's bundled samples) as RGB PIL images."""
+    from PIL import Image
+    from skimage import data
+
+    arrays = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.camera()]
+    return [Image.fromarray(a).convert("RGB") for a in arrays]
+
+
+@pytest.fixture(scope="module")
+def prototype_artifact(photos, tmp_path_factory):
+    """efficientnet_lite0 with its ImageNet weights and a head whose class c is photo c's own fp32 embedding
+    (scaled unit vector): every photo's right answer is its own class, by a real-feature margin."""
+    from models.network import build_network
+    from models.preprocessing import preprocess_batch
+    from models.registry import get_spec
+    from training.export import export_artifact
+
+    spec = get_spec("efficientnet_lite0")
+    torch.manual_seed(0)
+    model = build_network(spec.name, num_classes=len(photos), weights="imagenet").eval()
+    batch = torch.from_numpy(preprocess_batch(photos, spec.preprocessing))
+    with torch.no_grad():
+        _, embeddings = model(batch)
+        linear = model.head[1]
+        linear.weight.copy_(10 * embeddings / embeddings.norm(dim=1, keepdim=True))
+        linear.bias.zero_()
+    output = tmp_path_factory.mktemp("prototype") / "artifact"
+    export_artifact(model, labels=[f"photo_{i}" for i in range(len(photos))], backbone=spec.name,
+                    preprocessing=spec.preprocessing, parity_batch=batch[:2], output=output, name="photos",
+                    version="test")
+    return model, batch, output
+
+
+def test_fast_paths_agree_with_fp32_eager_top1(prototype_artifact):
+    from models.artifact import load_artifact
+    from models.runtimes import OnnxRuntime, TorchScriptRuntime
+
+    model, batch, output = prototype_artifact
+    with torch.inference_mode():
+        expected = model(batch)[0].argmax(1).numpy()
+        channels_last = model.to(memory_format=torch.channels_last)(batch.contiguous(memory_format=torch.channels_last))
+        bf16 = model.to(torch.bfloat16)(batch.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    model.float().to(memory_format=torch.contiguous_format)
+    assert list(expected) == list(range(len(expected)))  # the photos are told apart at all
+    artifact = load_artifact(output)
+    answers = {
+        "eager channels_last fp32": channels_last[0].argmax(1).numpy(),
+        "eager channels_last bf16": bf16[0].float().argmax(1).numpy(),
+        "onnx": OnnxRuntime(artifact)(batch.numpy())[0].argmax(1),
+        "torchscript fp32 (frozen)": TorchScriptRuntime(artifact)(batch.numpy())[0].argmax(1),
+        "torchscript bf16": TorchScriptRuntime(artifact, precision="bf16")(batch.numpy())[0].argmax(1),
+    }
+    for name, top1 in answers.items():
+        np.testing.assert_array_equal(top1, expected, err_msg=name)
