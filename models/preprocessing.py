@@ -139,8 +139,24 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess_batch(images: Sequence[Image.Image], p: Preprocessing) -> np.ndarray:
-    """RGB PIL images -> contiguous float32 NCHW array ready for any runtime."""
-    transform = eval_transform(p)
+    """RGB PIL images -> contiguous float32 NCHW array ready for any runtime.
+
+    The same values as `eval_transform` (its geometry on the PIL image, then the scaling and normalisation in
+    numpy, written straight into the batch): torch's elementwise kernels on one 3x224x224 image cost ~30 ms
+    each on a loaded 2-core machine (intra-op thread hand-offs), which made preprocessing, not inference, the
+    limit of the service (docs/BENCHMARKS.md, Service)."""
+    batch = np.empty((len(images), 3, p.image_size, p.image_size), dtype=np.float32)
     if not images:
-        return np.zeros((0, 3, p.image_size, p.image_size), dtype=np.float32)
-    return torch.stack([transform(image) for image in images]).numpy()
+        return batch
+    transform = eval_transform(p)
+    geometry = T.Compose(transform.transforms[:-3])
+    mean = np.asarray(p.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(p.std, dtype=np.float32)[:, None, None]
+    for out, image in zip(batch, images):
+        if image.mode != "RGB":  # not from load_image: let the torch transform say what it makes of it
+            out[...] = transform(image).numpy()
+            continue
+        np.multiply(np.asarray(geometry(image), dtype=np.float32).transpose(2, 0, 1), np.float32(1 / 255), out=out)
+        out -= mean
+        out /= std
+    return batch
