@@ -26,8 +26,8 @@ run() {  # name, command...
   "$@" > >(tee "$dest/$name.txt") 2> "$dest/$name.err" || { echo "!!! $name failed, see $name.err"; tail -20 "$dest/$name.err"; status=1; }
 }
 run runtime python3 benchmarks/runtime.py --device cuda --compile --threads "$(nproc)" "${quick[@]}"
-run service python3 benchmarks/service.py --device cuda --backbone resnet50 "${quick[@]}"
-run service_lite0 python3 benchmarks/service.py --device cuda "${quick[@]}"
+run service python3 benchmarks/serving.py --device cuda --backbone resnet50 "${quick[@]}"
+run service_lite0 python3 benchmarks/serving.py --device cuda "${quick[@]}"
 run training python3 benchmarks/training.py --device cuda --workers 8 "${quick[@]}"
 run extraction python3 benchmarks/extraction.py --workers 8 4 "${quick[@]}"
 exit $status

@@ -44,14 +44,14 @@ def test_extraction_benchmark_quick():
 
 @pytest.mark.slow
 def test_service_benchmark_quick(artifact_dir: Path):
-    rows = load("service").main(["--quick", "--artifact", str(artifact_dir), "--clients", "2", "--requests", "4",
+    rows = load("serving").main(["--quick", "--artifact", str(artifact_dir), "--clients", "2", "--requests", "4",
                                  "--images-per-request", "1", "--batch-sizes", "4", "1", "--reference-batch", "2"])
     assert [(row[0], row[3], row[-1]) for row in rows] == [("on (max batch 4)", 4, 0), ("off (max batch 1)", 4, 0)]
 
 
 def test_run_gpu_script_names_every_benchmark():
     script = (BENCHMARKS / "run_gpu.sh").read_text()
-    for name in ("runtime.py", "service.py", "training.py", "extraction.py"):
+    for name in ("runtime.py", "serving.py", "training.py", "extraction.py"):
         assert name in script
 
 

@@ -1,8 +1,8 @@
 """HTTP service speed over loopback: a bounded load generator against `transfer-serve serve` on 127.0.0.1.
 
-    python benchmarks/service.py --quick                 # seconds-to-a-minute: 2 configs x small load
-    python benchmarks/service.py                         # 1..64 clients, 1 and 4 JPEGs per request
-    python benchmarks/service.py --artifact DIR --device cuda
+    python benchmarks/serving.py --quick                 # seconds-to-a-minute: 2 configs x small load
+    python benchmarks/serving.py                         # 1..64 clients, 1 and 4 JPEGs per request
+    python benchmarks/serving.py --artifact DIR --device cuda
 
 For each server configuration (adaptive batching on: TRANSFER_SERVE_MAX_BATCH_SIZE=32; off: =1), the
 generator runs C concurrent clients (asyncio + httpx, one connection each), each sending multipart
