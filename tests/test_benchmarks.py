@@ -30,7 +30,7 @@ def test_runtime_benchmark_quick():
 
 
 def test_training_benchmark_quick():
-    steps, epochs = load("training").main(["--quick", "--weights", "none", "--steps", "1", "--per-class", "6"])
+    steps, epochs = load("training_speed").main(["--quick", "--weights", "none", "--steps", "1", "--per-class", "6"])
     assert [row[0] for row in steps] == ["fp32 eager NCHW", "fp32 channels_last"]
     assert len(epochs) == 1 and float(epochs[0][1]) > 0
 
@@ -51,7 +51,7 @@ def test_service_benchmark_quick(artifact_dir: Path):
 
 def test_run_gpu_script_names_every_benchmark():
     script = (BENCHMARKS / "run_gpu.sh").read_text()
-    for name in ("runtime.py", "serving.py", "training.py", "extraction.py"):
+    for name in ("runtime.py", "serving.py", "training_speed.py", "extraction.py"):
         assert name in script
 
 

@@ -1,8 +1,8 @@
 """Training speed: images/s of a training epoch per mode, and time to reach the demo's target accuracy.
 
-    python benchmarks/training.py --quick            # seconds: 4 digit classes x 15 images at 32 px
-    python benchmarks/training.py                    # the demo: 10 classes x all 1,797 digits at 128 px
-    python benchmarks/training.py --device cuda      # adds bf16 autocast channels_last (what train() uses on GPU)
+    python benchmarks/training_speed.py --quick            # seconds: 4 digit classes x 15 images at 32 px
+    python benchmarks/training_speed.py                    # the demo: 10 classes x all 1,797 digits at 128 px
+    python benchmarks/training_speed.py --device cuda      # adds bf16 autocast channels_last (what train() uses on GPU)
 
 Part 1 (images/s per epoch): the same network (efficientnet_lite0, ImageNet weights) trained for `--steps`
 optimizer steps on preprocessed digit batches, fp32 eager NCHW vs fp32 channels_last (vs bf16 autocast
