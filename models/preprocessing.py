@@ -50,19 +50,43 @@ def _interpolation(p: Preprocessing) -> T.InterpolationMode:
     return T.InterpolationMode.BICUBIC if p.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
 
 
-def _to_normalized_tensor(p: Preprocessing) -> list[T.Transform]:
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(p.mean), list(p.std))]
+def normalized_chw(image: Image.Image, p: Preprocessing, out: np.ndarray | None = None) -> np.ndarray:
+    """RGB PIL image -> float32 CHW array scaled to [0, 1] and normalised by the mean and std.
+
+    The one normalisation: training (through `ToNormalizedTensor`) and every runtime use it. Plain numpy,
+    because torch's elementwise kernels on single images cost tens of ms each on a busy 2-core machine
+    (intra-op thread hand-offs; docs/BENCHMARKS.md, Service)."""
+    if out is None:
+        out = np.empty((3, image.height, image.width), dtype=np.float32)
+    pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.float32)
+    np.multiply(pixels.transpose(2, 0, 1), np.float32(1 / 255), out=out)
+    out -= np.asarray(p.mean, dtype=np.float32)[:, None, None]
+    out /= np.asarray(p.std, dtype=np.float32)[:, None, None]
+    return out
+
+
+class ToNormalizedTensor:
+    """Transform step: RGB PIL image -> normalised float32 CHW tensor (see `normalized_chw`)."""
+
+    def __init__(self, p: Preprocessing) -> None:
+        self.preprocessing = p
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(normalized_chw(image, self.preprocessing))
+
+
+def eval_geometry(p: Preprocessing) -> T.Compose:
+    """The deterministic resize (and crop) of inference, on PIL images."""
+    interpolation = _interpolation(p)
+    if p.resize == "squash":
+        return T.Compose([T.Resize((p.image_size, p.image_size), interpolation=interpolation)])
+    resize_size = int(round(p.image_size / p.crop_pct))
+    return T.Compose([T.Resize(resize_size, interpolation=interpolation), T.CenterCrop(p.image_size)])
 
 
 def eval_transform(p: Preprocessing) -> T.Compose:
     """Deterministic PIL image -> float32 CHW tensor used for validation, export and inference."""
-    interpolation = _interpolation(p)
-    if p.resize == "squash":
-        geometry: list[T.Transform] = [T.Resize((p.image_size, p.image_size), interpolation=interpolation)]
-    else:
-        resize_size = int(round(p.image_size / p.crop_pct))
-        geometry = [T.Resize(resize_size, interpolation=interpolation), T.CenterCrop(p.image_size)]
-    return T.Compose(geometry + _to_normalized_tensor(p))
+    return T.Compose([eval_geometry(p), ToNormalizedTensor(p)])
 
 
 def train_transform(p: Preprocessing, horizontal_flip: bool = True, min_scale: float = 0.5) -> T.Compose:
@@ -72,7 +96,7 @@ def train_transform(p: Preprocessing, horizontal_flip: bool = True, min_scale: f
     ]
     if horizontal_flip:
         augment.append(T.RandomHorizontalFlip())
-    return T.Compose(augment + _to_normalized_tensor(p))
+    return T.Compose(augment + [ToNormalizedTensor(p)])
 
 
 def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -139,24 +163,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess_batch(images: Sequence[Image.Image], p: Preprocessing) -> np.ndarray:
-    """RGB PIL images -> contiguous float32 NCHW array ready for any runtime.
-
-    The same values as `eval_transform` (its geometry on the PIL image, then the scaling and normalisation in
-    numpy, written straight into the batch): torch's elementwise kernels on one 3x224x224 image cost ~30 ms
-    each on a loaded 2-core machine (intra-op thread hand-offs), which made preprocessing, not inference, the
-    limit of the service (docs/BENCHMARKS.md, Service)."""
+    """RGB PIL images -> contiguous float32 NCHW array ready for any runtime: `eval_transform`'s values,
+    each image written straight into the batch."""
     batch = np.empty((len(images), 3, p.image_size, p.image_size), dtype=np.float32)
-    if not images:
-        return batch
-    transform = eval_transform(p)
-    geometry = T.Compose(transform.transforms[:-3])
-    mean = np.asarray(p.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(p.std, dtype=np.float32)[:, None, None]
+    geometry = eval_geometry(p)
     for out, image in zip(batch, images):
-        if image.mode != "RGB":  # not from load_image: let the torch transform say what it makes of it
-            out[...] = transform(image).numpy()
-            continue
-        np.multiply(np.asarray(geometry(image), dtype=np.float32).transpose(2, 0, 1), np.float32(1 / 255), out=out)
-        out -= mean
-        out /= std
+        normalized_chw(geometry(image), p, out=out)
     return batch
