@@ -22,7 +22,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, steps: int = 10
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 @torch.no_grad()
