@@ -19,24 +19,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import export_model, machine, percentile, table, timed  # noqa: E402
+
+from service.launch import local_server  # noqa: E402
 
 
 def jpeg_payloads(count: int, seed: int = 0) -> list[bytes]:
@@ -55,57 +51,6 @@ def jpeg_payloads(count: int, seed: int = 0) -> list[bytes]:
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(buffer, "JPEG", quality=90)
         payloads.append(buffer.getvalue())
     return payloads
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def stop(process: subprocess.Popen) -> None:
-    import psutil
-
-    try:
-        family = [process.pid] + [c.pid for c in psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = [process.pid]
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    for pid in family:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def server(artifact: Path, home: Path, *options: str, **settings: str) -> Iterator[str]:
-    """`transfer-serve serve ARTIFACT` on a free 127.0.0.1 port; yields its URL once /readyz says ready."""
-    port = free_port()
-    log = home / f"server-{port}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFER_SERVE_")}
-    env |= settings | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    command = [sys.executable, "-m", "service.cli", "serve", str(artifact), "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "wb") as output:
-        process = subprocess.Popen([*command, *options], env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after 180 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        stop(process)
 
 
 def batch_histogram(url: str, method: str = "classify") -> tuple[float, float]:
@@ -209,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
             home.mkdir()
             settings = {"TRANSFER_SERVE_MAX_BATCH_SIZE": str(max_batch), "TRANSFER_SERVE_MAX_LATENCY_MS": "60000",
                         "TRANSFER_SERVE_DEVICE": args.device}
-            with server(artifact, home, **settings) as url:
+            with local_server(artifact, home, **settings) as url:
                 for per_request in args.images_per_request:
                     for clients in args.clients:
                         before = batch_histogram(url)

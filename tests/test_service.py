@@ -10,22 +10,19 @@ import contextlib
 import io
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 from PIL import Image
 
 from models.predictor import Predictor, l2_normalize
 from models.preprocessing import load_image
+from service.launch import ServerStartError, local_server
 from test_service_units import zero_width_png
 
 pytestmark = pytest.mark.slow
@@ -39,60 +36,15 @@ SERVER_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server (BentoML stops its workers), then kill whatever of it is left."""
-    try:
-        family = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = [process.pid]
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    for pid in family:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait(timeout=10)
-
-
 @contextlib.contextmanager
 def running_server(artifact_dir: Path, home: Path, *options: str, **settings: str) -> Iterator[httpx.Client]:
     """`transfer-serve serve ARTIFACT` on a free loopback port; yields a client once /readyz says ready."""
-    port = free_port()
-    log = home / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFER_SERVE_")}
-    env |= settings | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    command = [sys.executable, "-m", "service.cli", "serve", str(artifact_dir), "--host", "127.0.0.1"]
-    command += ["--port", str(port), *options]
-    with open(log, "wb") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 150
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 150 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        with httpx.Client(base_url=url, timeout=60) as client:
-            yield client
-    finally:
-        stop(process)
+        with local_server(artifact_dir, home, *options, ready_timeout_s=150, **settings) as url:
+            with httpx.Client(base_url=url, timeout=60) as client:
+                yield client
+    except ServerStartError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
