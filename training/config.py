@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.registry import DEFAULT_BACKBONE
+from models.preprocessing import Preprocessing
+from models.registry import DEFAULT_BACKBONE, get_spec
 
 Strategy = Literal["linear-probe", "finetune", "discriminative", "gradual"]
 
@@ -41,3 +42,8 @@ class TrainConfig(BaseModel):
     resume: bool = Field(default=False, description="Continue the run in --output from its last checkpoint.")
     export: bool = Field(default=True, description="Export the artifact at the end.")
     name: str | None = Field(default=None, description="Model name in the artifact; default: the data folder's name.")
+
+    def preprocessing(self) -> Preprocessing:
+        """The backbone's pretrained preprocessing at this run's image size: what training and export use."""
+        pretrained = get_spec(self.backbone).preprocessing
+        return pretrained.with_image_size(self.image_size or pretrained.image_size)

@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from models.network import TransferNet, build_network
-from models.preprocessing import Preprocessing, eval_transform, train_transform
-from models.registry import get_spec
+from models.preprocessing import eval_transform, train_transform
 from models.runtimes import resolve_device
 from training.config import TrainConfig
 from training.data import (
@@ -184,8 +183,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
 
     splits, skipped = prepare_splits(config, run_dir)
     labels = splits.labels()
-    spec = get_spec(config.backbone)
-    preprocessing: Preprocessing = spec.preprocessing.with_image_size(config.image_size or spec.preprocessing.image_size)
+    preprocessing = config.preprocessing()
 
     torch.manual_seed(config.seed)
     model = build_network(config.backbone, len(labels), weights="none" if config.resume else config.weights, dropout=config.dropout)
@@ -315,8 +313,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     state = torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     config = TrainConfig.model_validate(state["config"])
     labels = state["labels"]
-    spec = get_spec(config.backbone)
-    preprocessing = spec.preprocessing.with_image_size(config.image_size or spec.preprocessing.image_size)
+    preprocessing = config.preprocessing()
     model = build_network(config.backbone, len(labels), weights="none", dropout=config.dropout)
     model.load_state_dict(torch.load(run_dir / FINAL_FILE, map_location="cpu", weights_only=True))
     test_records = split_records(read_csv_manifest(run_dir / SPLITS_FILE)).test
