@@ -69,9 +69,13 @@ class Predictor:
     def predict(self, images: Sequence[Image.Image]) -> Outputs:
         return self.predict_batch(self.preprocess(images))
 
-    def top_k(self, probabilities: np.ndarray, k: int) -> list[TopK]:
+    def top_k_indices(self, probabilities: np.ndarray, k: int) -> np.ndarray:
+        """(N, k') class indices, most probable first; k' = k capped to [1, number of classes]."""
         k = max(1, min(k, len(self.labels)))
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        return np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[TopK]:
+        order = self.top_k_indices(probabilities, k)
         return [
             TopK(labels=[self.labels[i] for i in row], probabilities=[float(p[i]) for i in row])
             for row, p in zip(order, probabilities)

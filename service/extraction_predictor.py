@@ -3,7 +3,7 @@
 Shaped like Ray Data's batch-inference callables: the constructor loads the model once (per process or
 per Ray actor) and `__call__` maps a column batch to a column batch. The local engine calls the same
 class directly. Embeddings and probabilities come from `Predictor.predict_batch`, the path the HTTP
-service's `embed` and `classify` use, and the top-k order from `Predictor.top_k`.
+service's `embed` and `classify` use, and the top-k order from `Predictor.top_k_indices`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class EmbeddingPredictor:
         self.predictor = Predictor.from_artifact(artifact, runtime=runtime, device=device, precision=precision)
         self.top_k = effective_top_k(top_k, self.predictor.manifest)
         self.embedding_dtype = np.dtype(embedding_dtype)
-        self._label_index = {label: i for i, label in enumerate(self.predictor.labels)}
 
     def describe(self) -> dict[str, str]:
         return self.predictor.runtime.describe()
@@ -49,9 +48,9 @@ class EmbeddingPredictor:
             pixels = np.asarray(batch["pixels"], dtype=np.float32)[ok]
             outputs = self.predictor.predict_batch(pixels)
             embeddings[ok] = outputs.embeddings.astype(self.embedding_dtype)
-            best = self.predictor.top_k(outputs.probabilities, self.top_k)
-            topk_indices[ok] = [[self._label_index[label] for label in row.labels] for row in best]
-            topk_probabilities[ok] = [row.probabilities for row in best]
+            best = self.predictor.top_k_indices(outputs.probabilities, self.top_k)
+            topk_indices[ok] = best
+            topk_probabilities[ok] = np.take_along_axis(outputs.probabilities, best, axis=1)
         return {
             "index": np.asarray(batch["index"], dtype=np.int64).reshape(-1),
             "path": np.asarray(batch["path"], dtype=object).reshape(-1),
