@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.preprocessing import DEFAULT_MAX_PIXELS
-from models.runtimes import DeviceName, Precision, RuntimeName
+from models.inference import DeviceName, InferenceOptions, Precision, RuntimeName, check_combination
 from service.schemas import RequestLimits
 from service.uploads import UploadLimits
 
@@ -51,9 +51,12 @@ class ServiceSettings(BaseModel):
     def _consistent(self) -> "ServiceSettings":
         if self.artifact is not None and self.model is not None:
             raise ValueError("set TRANSFER_SERVE_ARTIFACT or TRANSFER_SERVE_MODEL, not both")
-        if self.runtime == "onnx" and self.precision != "fp32":
-            raise ValueError(f"precision {self.precision} needs the torchscript runtime, not onnx")
+        check_combination(self.runtime, self.precision)
         return self
+
+    def inference_options(self) -> InferenceOptions:
+        """How the model runs, resolved by `models.inference.resolve_inference` (as the batch job does)."""
+        return InferenceOptions(runtime=self.runtime, device=self.device, precision=self.precision)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServiceSettings":

@@ -131,7 +131,8 @@ def test_extraction_job_embeddings_equal_the_service_embed_answer(server, digit_
     """The batch job and the HTTP service share runtime and preprocessing: same image, same vector."""
     import pandas as pd
 
-    from service.extraction import ExtractionConfig, run_extraction
+    from extraction.config import ExtractionConfig
+    from extraction.job import run_extraction
 
     manifest = tmp_path / "inputs.csv"
     manifest.write_text("path\n" + "".join(f"{p}\n" for p in digit_files))
@@ -296,12 +297,12 @@ def test_bentoml_build_packs_service_and_model_offline(artifact_dir, tmp_path):
     env |= {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
     root = Path(__file__).resolve().parent.parent
     imported = subprocess.run(
-        [sys.executable, "-m", "service.cli", "import", str(artifact_dir)], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "cli", "import", str(artifact_dir)], env=env, capture_output=True, text=True
     )
     assert imported.returncode == 0, imported.stderr
     tag = re.search(r"model-store tag: (\S+)", imported.stdout).group(1)
     again = subprocess.run(
-        [sys.executable, "-m", "service.cli", "import", str(artifact_dir)], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "cli", "import", str(artifact_dir)], env=env, capture_output=True, text=True
     )
     assert again.returncode == 0 and tag in again.stdout  # importing the same artifact twice is harmless
 
