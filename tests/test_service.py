@@ -20,29 +20,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.soak_load import SERVER_ENV, server_client
 from models.predictor import Predictor, l2_normalize
 from models.preprocessing import load_image
-from service.launch import ServerStartError, local_server
+from service.launch import ServerStartError
 from test_service_units import zero_width_png
 
 pytestmark = pytest.mark.slow
 
-SERVER_ENV = {
-    "TRANSFER_SERVE_MAX_IMAGES_PER_REQUEST": "8",
-    "TRANSFER_SERVE_MAX_PIXELS": "10000",  # 100 x 100: the digits are 8 x 8
-    "TRANSFER_SERVE_MAX_BODY_BYTES": "1000000",
-    "TRANSFER_SERVE_MAX_BATCH_SIZE": "16",
-    "TRANSFER_SERVE_MAX_LATENCY_MS": "30000",  # a loaded 2-core test machine must not turn waits into 503s
-}
+__all__ = ["SERVER_ENV", "running_server"]  # used by conftest and the reliability tests
 
 
 @contextlib.contextmanager
 def running_server(artifact_dir: Path, home: Path, *options: str, **settings: str) -> Iterator[httpx.Client]:
     """`transfer-serve serve ARTIFACT` on a free loopback port; yields a client once /readyz says ready."""
     try:
-        with local_server(artifact_dir, home, *options, ready_timeout_s=150, **settings) as url:
-            with httpx.Client(base_url=url, timeout=60) as client:
-                yield client
+        with server_client(artifact_dir, home, *options, **settings) as client:
+            yield client
     except ServerStartError as exc:
         pytest.fail(str(exc))
 
