@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from models.inference import DEFAULT_TOP_K, DeviceName, InferenceOptions, Precision, RuntimeName, check_combination
+from models.inference import DEFAULT_TOP_K, InferenceFields
 from models.preprocessing import DEFAULT_MAX_PIXELS
 
 EmbeddingDType = Literal["float32", "float16"]
@@ -33,7 +33,7 @@ class RayOptions(BaseModel):
     )
 
 
-class ExtractionConfig(BaseModel):
+class ExtractionConfig(InferenceFields):
     """Every option of `transfer-serve extract`, validated in one place."""
 
     model_config = ConfigDict(extra="forbid")
@@ -46,22 +46,10 @@ class ExtractionConfig(BaseModel):
     workers: int = Field(default=2, ge=0, description="Local engine: image-decoding worker processes (0: in-process).")
     top_k: int = Field(default=DEFAULT_TOP_K, ge=1, description="Labels kept per image (capped at the number of classes).")
     embedding_dtype: EmbeddingDType = "float32"
-    runtime: RuntimeName = "auto"
-    device: DeviceName = "auto"
-    precision: Precision = "fp32"
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, description="Larger images are recorded as errors.")
     engine: EngineName = "local"
     ray: RayOptions = Field(default_factory=RayOptions)
     show_progress: bool = True
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "ExtractionConfig":
-        check_combination(self.runtime, self.precision)
-        return self
-
-    def inference_options(self) -> InferenceOptions:
-        """How the model runs, resolved by `models.inference.resolve_inference` (as the service does)."""
-        return InferenceOptions(runtime=self.runtime, device=self.device, precision=self.precision)
 
     def cuda_available(self) -> bool | None:
         """Whether the inference processes have a GPU: on Ray, when actors get GPUs (`ray.num_gpus > 0`; the

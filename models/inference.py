@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 RuntimeName = Literal["auto", "onnx", "torchscript"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -41,19 +41,28 @@ def check_combination(runtime: str, precision: str) -> None:
         raise InferenceOptionsError(f"precision {precision} needs the torchscript runtime, not onnx (ONNX runs fp32)")
 
 
-class InferenceOptions(BaseModel):
+class InferenceFields(BaseModel):
+    """The `runtime`, `device` and `precision` fields with their one consistency check, for every configuration
+    that runs a model (`InferenceOptions`, the service's settings, the extraction job's config)."""
+
+    runtime: RuntimeName = Field("auto", description="auto (torchscript for fp16/bf16, else fastest measured on the device) | onnx | torchscript.")
+    device: DeviceName = Field("auto", description="auto (cuda when a GPU is present) | cpu | cuda.")
+    precision: Precision = Field("fp32", description="fp16/bf16 need the torchscript runtime.")
+
+    @model_validator(mode="after")
+    def _possible_combination(self) -> "InferenceFields":
+        check_combination(self.runtime, self.precision)
+        return self
+
+    def inference_options(self) -> "InferenceOptions":
+        """These fields alone, to resolve with `resolve_inference`."""
+        return InferenceOptions(runtime=self.runtime, device=self.device, precision=self.precision)
+
+
+class InferenceOptions(InferenceFields):
     """What a user asks for: runtime, device and precision, each possibly `auto`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-    runtime: RuntimeName = "auto"
-    device: DeviceName = "auto"
-    precision: Precision = "fp32"
-
-    @model_validator(mode="after")
-    def _possible(self) -> "InferenceOptions":
-        check_combination(self.runtime, self.precision)
-        return self
 
 
 class ResolvedInference(BaseModel):
