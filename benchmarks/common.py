@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmarks: artifacts to measure, machine description, timing, tables."""
+"""Helpers shared by the benchmarks: artifacts to measure, synthetic photos, machine description, timing, tables."""
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import time
@@ -10,9 +11,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-LIBRARIES = ("torch", "torchvision", "timm", "onnxruntime", "onnxruntime-gpu", "bentoml", "pyarrow", "pillow")
+LIBRARIES = ("torch", "torchvision", "timm", "onnxruntime", "onnxruntime-gpu", "bentoml", "pyarrow", "pillow", "ray")
 
 
 def versions() -> str:
@@ -60,6 +62,31 @@ def export_model(folder: Path, backbone: str, weights: str, num_classes: int = 1
         version="benchmark",
     )
     return output
+
+
+def jpeg_payloads(count: int, seed: int = 0) -> list[bytes]:
+    """`count` distinct 320x240 JPEGs (smooth gradients + noise, so they decode like photos)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:240, 0:320].astype(np.float32)
+    payloads = []
+    for _ in range(count):
+        colour = rng.uniform(0, 255, size=(3, 1, 1))
+        angle = rng.uniform(0, np.pi)
+        ramp = (np.cos(angle) * x + np.sin(angle) * y) / 400.0
+        pixels = colour * (0.5 + 0.5 * np.sin(ramp * rng.uniform(2, 12))) + rng.normal(0, 12, size=(3, 240, 320))
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(buffer, "JPEG", quality=90)
+        payloads.append(buffer.getvalue())
+    return payloads
+
+
+def write_jpegs(folder: Path, count: int, seed: int = 0) -> None:
+    """`jpeg_payloads(count)` as files `img_000000.jpg`, ... in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, payload in enumerate(jpeg_payloads(count, seed)):
+        (folder / f"img_{i:06d}.jpg").write_bytes(payload)
 
 
 def timed(step: Callable[[], object], min_iters: int, min_seconds: float, warmup: int = 1,

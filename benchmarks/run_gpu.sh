@@ -29,5 +29,5 @@ run runtime python3 benchmarks/runtime.py --device cuda --compile --threads "$(n
 run service python3 benchmarks/serving.py --device cuda --backbone resnet50 "${quick[@]}"
 run service_lite0 python3 benchmarks/serving.py --device cuda "${quick[@]}"
 run training python3 benchmarks/training_speed.py --device cuda --workers 8 "${quick[@]}"
-run extraction python3 benchmarks/extraction.py --workers 8 4 "${quick[@]}"
+run extraction python3 benchmarks/extraction_speed.py --workers 8 4 "${quick[@]}"
 exit $status

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import re
 import sys
 import tempfile
@@ -30,27 +29,9 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import export_model, machine, percentile, table, timed  # noqa: E402
+from common import export_model, jpeg_payloads, machine, percentile, table, timed  # noqa: E402
 
 from service.launch import local_server  # noqa: E402
-
-
-def jpeg_payloads(count: int, seed: int = 0) -> list[bytes]:
-    """`count` distinct 320x240 JPEGs (smooth gradients + noise, so they decode like photos)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:240, 0:320].astype(np.float32)
-    payloads = []
-    for _ in range(count):
-        colour = rng.uniform(0, 255, size=(3, 1, 1))
-        angle = rng.uniform(0, np.pi)
-        ramp = (np.cos(angle) * x + np.sin(angle) * y) / 400.0
-        pixels = colour * (0.5 + 0.5 * np.sin(ramp * rng.uniform(2, 12))) + rng.normal(0, 12, size=(3, 240, 320))
-        buffer = io.BytesIO()
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(buffer, "JPEG", quality=90)
-        payloads.append(buffer.getvalue())
-    return payloads
 
 
 def batch_histogram(url: str, method: str = "classify") -> tuple[float, float]:
@@ -100,10 +81,11 @@ async def load(url: str, payloads: list[bytes], clients: int, per_request: int, 
 
 def raw_reference(artifact: Path, payloads: list[bytes], device: str, batch_size: int, min_seconds: float) -> list[list[object]]:
     """The server's default runtime in this process at `batch_size`: raw (pre-decoded) and end to end from JPEG bytes."""
+    from models.inference import InferenceOptions
     from models.predictor import Predictor
     from models.preprocessing import load_image
 
-    predictor = Predictor.from_artifact(artifact, device=device)
+    predictor = Predictor.from_artifact(artifact, InferenceOptions(device=device))
     chosen = [payloads[i % len(payloads)] for i in range(batch_size)]
     batch = predictor.preprocess([load_image(p) for p in chosen])
     raw = timed(lambda: predictor.predict_batch(batch), 3, min_seconds)

@@ -2,8 +2,8 @@
 
     python benchmarks/soak.py ARTIFACT_DIR [--requests 10000] [--minutes 20] [--threads 4]
 
-Uses the same server settings and request mix as tests/test_reliability_soak.py (every tenth request a
-bad image that must get its 422); exits 1 if any request failed."""
+Uses the same server settings and request mix as tests/test_reliability_soak.py (`benchmarks/soak_load.py`:
+every tenth request a bad image that must get its 422); exits 1 if any request failed."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
-from test_reliability_soak import soak  # noqa: E402
-from test_service import SERVER_ENV, running_server  # noqa: E402
+from benchmarks.soak_load import SERVER_ENV, server_client, soak  # noqa: E402
 
 
 def main() -> int:
@@ -26,7 +25,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as home, running_server(args.artifact, Path(home), **SERVER_ENV) as client:
+    with tempfile.TemporaryDirectory() as home, server_client(args.artifact, Path(home), **SERVER_ENV) as client:
         result = soak(client, args.requests, args.minutes * 60, args.threads)
     print(result.summary())
     for failure in result.failures[:20]:

@@ -11,7 +11,8 @@ from PIL import Image
 
 from models.artifact import Manifest, load_artifact
 from models.preprocessing import preprocess_batch
-from models.runtimes import DeviceName, Precision, Runtime, RuntimeName, load_runtime
+from models.inference import InferenceOptions, cap_top_k, resolve_inference
+from models.runtimes import Runtime, load_runtime
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -48,12 +49,12 @@ class Predictor:
     def from_artifact(
         cls,
         path: str | Path,
-        runtime: RuntimeName = "auto",
-        device: DeviceName = "auto",
-        precision: Precision = "fp32",
+        options: InferenceOptions = InferenceOptions(),
+        cuda_available: bool | None = None,
     ) -> "Predictor":
+        """Load (and verify) an artifact on the runtime, device and precision `options` resolve to."""
         artifact = load_artifact(path)
-        return cls(artifact.manifest, load_runtime(artifact, runtime, device, precision))
+        return cls(artifact.manifest, load_runtime(artifact, resolve_inference(options, cuda_available)))
 
     @property
     def labels(self) -> list[str]:
@@ -71,7 +72,7 @@ class Predictor:
 
     def top_k_indices(self, probabilities: np.ndarray, k: int) -> np.ndarray:
         """(N, k') class indices, most probable first; k' = k capped to [1, number of classes]."""
-        k = max(1, min(k, len(self.labels)))
+        k = cap_top_k(k, len(self.labels))
         return np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[TopK]:

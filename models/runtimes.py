@@ -7,18 +7,17 @@ Both take a float32 NCHW batch (from `models.preprocessing.preprocess_batch`) an
 from __future__ import annotations
 
 import logging
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from models.artifact import Artifact
+from models.inference import DeviceError, Precision, ResolvedInference, resolve_device
+
+__all__ = ["DeviceError", "resolve_device"]  # re-exported: training.trainer imports resolve_device from here
 
 logger = logging.getLogger(__name__)
-
-RuntimeName = Literal["auto", "onnx", "torchscript"]
-DeviceName = Literal["auto", "cpu", "cuda"]
-Precision = Literal["fp32", "fp16", "bf16"]
 
 MIN_TOP1_AGREEMENT = 0.95
 """fp16/bf16 TorchScript is refused at load when it picks fp32's top-1 class on fewer check inputs than this."""
@@ -35,24 +34,6 @@ class Runtime(Protocol):
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
     def describe(self) -> dict[str, str]: ...
-
-
-class DeviceError(RuntimeError):
-    """The device asked for is not available here."""
-
-
-def resolve_device(device: DeviceName) -> str:
-    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; 'cuda' without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("device 'cuda' was asked for, but no CUDA GPU is available")
-    return device
-
-
-def default_runtime(device: str) -> Literal["onnx", "torchscript"]:
-    """The fastest runtime measured on each device (docs/BENCHMARKS.md): ONNX Runtime on CPU."""
-    return "onnx" if device == "cpu" else "torchscript"
 
 
 class TorchScriptRuntime:
@@ -137,13 +118,8 @@ class OnnxRuntime:
         return {"runtime": self.name, "device": self.device, "providers": ",".join(self.providers)}
 
 
-def load_runtime(
-    artifact: Artifact, runtime: RuntimeName = "auto", device: DeviceName = "auto", precision: Precision = "fp32"
-) -> Runtime:
-    resolved_device = resolve_device(device)
-    kind = default_runtime(resolved_device) if runtime == "auto" else runtime
-    if kind == "onnx":
-        if precision != "fp32":
-            raise ValueError("reduced precision is offered by the torchscript runtime only")
-        return OnnxRuntime(artifact, resolved_device)
-    return TorchScriptRuntime(artifact, resolved_device, precision)
+def load_runtime(artifact: Artifact, inference: ResolvedInference) -> Runtime:
+    """Load the artifact's model file for the resolved runtime, device and precision."""
+    if inference.runtime == "onnx":
+        return OnnxRuntime(artifact, inference.device)
+    return TorchScriptRuntime(artifact, inference.device, inference.precision)

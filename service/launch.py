@@ -82,7 +82,7 @@ def local_server(
     log = home / f"server-{port}.log"
     env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
     env |= settings | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    command = [sys.executable, "-m", "service.cli", "serve", str(artifact), "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "cli", "serve", str(artifact), "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as output:
         process = subprocess.Popen([*command, *options], env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -28,10 +28,8 @@ def artifact_dir(settings: ServiceSettings, stored_model: bentoml.Model | None) 
 
 
 def load_predictor(settings: ServiceSettings, stored_model: bentoml.Model | None) -> Predictor:
-    # fp16/bf16 are TorchScript modes: asking for one picks that runtime unless a runtime is named
-    runtime = "torchscript" if settings.runtime == "auto" and settings.precision != "fp32" else settings.runtime
     directory = artifact_dir(settings, stored_model)
-    predictor = Predictor.from_artifact(directory, runtime, settings.device, settings.precision)
+    predictor = Predictor.from_artifact(directory, settings.inference_options())
     manifest = predictor.manifest
     logger.info(
         "serving %s %s (%s) with %s", manifest.name, manifest.version, manifest.backbone, predictor.runtime.describe()

@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.artifact import Manifest
+from models.inference import DEFAULT_TOP_K
 from models.predictor import Predictor, TopK
 from models.preprocessing import Preprocessing
 
@@ -19,7 +20,7 @@ class ClassifyOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int = Field(5, ge=1, description="Labels returned per image, capped at the number of classes.")
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, description="Labels returned per image, capped at the number of classes.")
 
 
 class EmbedOptions(BaseModel):

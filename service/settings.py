@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.preprocessing import DEFAULT_MAX_PIXELS
-from models.runtimes import DeviceName, Precision, RuntimeName
+from models.inference import InferenceFields
 from service.schemas import RequestLimits
 from service.uploads import UploadLimits
 
@@ -24,7 +24,7 @@ ENV_PREFIX = "TRANSFER_SERVE_"
 logger = logging.getLogger(__name__)
 
 
-class ServiceSettings(BaseModel):
+class ServiceSettings(InferenceFields):
     """Where the model comes from, how it runs, and what a request may contain."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
@@ -33,9 +33,6 @@ class ServiceSettings(BaseModel):
     model: Optional[str] = Field(
         None, description="BentoML model-store tag to serve, e.g. 'digits:latest' (TRANSFER_SERVE_MODEL)."
     )
-    runtime: RuntimeName = Field("auto", description="auto (fastest measured on the device) | onnx | torchscript.")
-    device: DeviceName = Field("auto", description="auto (cuda when a GPU is present) | cpu | cuda.")
-    precision: Precision = Field("fp32", description="fp16/bf16 need the torchscript runtime.")
     max_batch_size: int = Field(
         32, ge=1, description="Most images in one forward pass (adaptive batching); 1 turns batching off."
     )
@@ -51,8 +48,6 @@ class ServiceSettings(BaseModel):
     def _consistent(self) -> "ServiceSettings":
         if self.artifact is not None and self.model is not None:
             raise ValueError("set TRANSFER_SERVE_ARTIFACT or TRANSFER_SERVE_MODEL, not both")
-        if self.runtime == "onnx" and self.precision != "fp32":
-            raise ValueError(f"precision {self.precision} needs the torchscript runtime, not onnx")
         return self
 
     @classmethod

@@ -8,6 +8,7 @@ import torch
 import training.export as export
 from models.artifact import ArtifactError, load_artifact
 from models.network import build_network
+from models.inference import InferenceOptions
 from models.predictor import Predictor
 from models.preprocessing import load_image
 from training.data import discover_images
@@ -36,8 +37,8 @@ def test_manifest_records_files_versions_and_preprocessing(artifact_dir):
 @pytest.mark.parametrize("runtime", ["onnx", "torchscript"])
 def test_runtimes_agree_with_each_other_on_real_images(artifact_dir, digits_dir, runtime):
     images = [load_image(r.path) for r in discover_images(digits_dir)[:8]]
-    reference = Predictor.from_artifact(artifact_dir, runtime="torchscript").predict(images)
-    outputs = Predictor.from_artifact(artifact_dir, runtime=runtime).predict(images)
+    reference = Predictor.from_artifact(artifact_dir, InferenceOptions(runtime="torchscript")).predict(images)
+    outputs = Predictor.from_artifact(artifact_dir, InferenceOptions(runtime=runtime)).predict(images)
     assert np.allclose(outputs.embeddings, reference.embeddings, atol=1e-4)
     assert (outputs.probabilities.argmax(1) == reference.probabilities.argmax(1)).all()
 

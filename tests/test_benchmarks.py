@@ -36,7 +36,7 @@ def test_training_benchmark_quick():
 
 
 def test_extraction_benchmark_quick():
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "extraction.py"), "--images", "8", "--workers", "0",
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "extraction_speed.py"), "--images", "8", "--workers", "0",
                              "--batch-size", "4"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| local | 0 | 4 | 8 |" in result.stdout
@@ -51,7 +51,7 @@ def test_service_benchmark_quick(artifact_dir: Path):
 
 def test_run_gpu_script_names_every_benchmark():
     script = (BENCHMARKS / "run_gpu.sh").read_text()
-    for name in ("runtime.py", "serving.py", "training_speed.py", "extraction.py"):
+    for name in ("runtime.py", "serving.py", "training_speed.py", "extraction_speed.py"):
         assert name in script
 
 

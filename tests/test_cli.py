@@ -3,7 +3,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from cli import app
 
 runner = CliRunner()
 

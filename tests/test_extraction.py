@@ -16,20 +16,13 @@ from typer.testing import CliRunner
 
 from models.predictor import Predictor
 from models.preprocessing import load_image
-from service import extraction
-from service.cli import app
-from service.extraction import list_inputs, read_errors, run_extraction
-from service.extraction_schema import (
-    ERRORS_FILE,
-    JOB_FILE,
-    METADATA_KEY,
-    SUMMARY_FILE,
-    ExtractionConfig,
-    ExtractionError,
-    ExtractionSummary,
-    shard_name,
-    shard_schema,
-)
+from cli import app
+from extraction import shards
+from extraction.config import ExtractionConfig, ExtractionError
+from extraction.inputs import list_inputs
+from extraction.job import ExtractionSummary, read_errors, run_extraction
+from extraction.shards import ERRORS_FILE, JOB_FILE, SUMMARY_FILE, shard_name
+from extraction.table import METADATA_KEY, shard_schema
 
 SHARD_SIZE = 16
 BATCH_SIZE = 8
@@ -161,7 +154,7 @@ def test_a_failed_shard_write_leaves_no_partial_shard(artifact_dir: Path, images
             raise OSError("disk full")
         return real_write(table, where, **kwargs)
 
-    monkeypatch.setattr(extraction.pq, "write_table", failing_write)
+    monkeypatch.setattr(shards.pq, "write_table", failing_write)
     with pytest.raises(OSError, match="disk full"):
         run_extraction(config_for(artifact_dir, images, output))
     assert sorted(p.name for p in output.iterdir() if not p.name.startswith("_")) == [shard_name(0)]
@@ -271,7 +264,7 @@ def test_killed_process_resumes_to_the_clean_output(artifact_dir: Path, digits_d
         shutil.copytree(digits_dir, source / f"copy{copy}")  # 420 images -> 53 shards of 8
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     args = ["--shard-size", "8", "--batch-size", "8", "--top-k", "3", "--workers", "1", "--no-progress"]
-    command = [sys.executable, "-c", "from service.cli import app; app()", "extract", str(artifact_dir),
+    command = [sys.executable, "-c", "from cli import app; app()", "extract", str(artifact_dir),
                "--input", str(source), "--output", str(killed), *args]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -10,8 +10,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from service.extraction import read_errors, run_extraction
-from service.extraction_schema import ExtractionConfig, RayOptions, shard_name
+from extraction.config import ExtractionConfig, RayOptions
+from extraction.job import read_errors, run_extraction
+from extraction.shards import shard_name
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 

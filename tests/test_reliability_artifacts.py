@@ -10,7 +10,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from service.cli import app
+from cli import app
 from service.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,9 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from service import extraction_decode
-from service.extraction import run_extraction
-from service.extraction_schema import ExtractionConfig, shard_name
+from extraction import decode as extraction_decode
+from extraction.config import ExtractionConfig
+from extraction.job import run_extraction
+from extraction.shards import shard_name
 
 pytestmark = pytest.mark.slow
 OPTIONS = dict(shard_size=8, batch_size=8, top_k=3, show_progress=False)
@@ -67,7 +68,7 @@ def test_repeated_kills_at_different_moments_then_resume(artifact_dir, digits_di
     for copy in range(4):
         shutil.copytree(digits_dir, source / f"copy{copy}")  # 240 images -> 30 shards of 8
     output, reference = tmp_path / "killed", tmp_path / "reference"
-    command = [sys.executable, "-c", "from service.cli import app; app()", "extract", str(artifact_dir),
+    command = [sys.executable, "-c", "from cli import app; app()", "extract", str(artifact_dir),
                "--input", str(source), "--output", str(output), "--shard-size", "8", "--batch-size", "8",
                "--top-k", "3", "--workers", "1", "--no-progress"]  # fmt: skip
     kills = 0

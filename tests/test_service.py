@@ -20,29 +20,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.soak_load import SERVER_ENV, server_client
 from models.predictor import Predictor, l2_normalize
 from models.preprocessing import load_image
-from service.launch import ServerStartError, local_server
+from service.launch import ServerStartError
 from test_service_units import zero_width_png
 
 pytestmark = pytest.mark.slow
 
-SERVER_ENV = {
-    "TRANSFER_SERVE_MAX_IMAGES_PER_REQUEST": "8",
-    "TRANSFER_SERVE_MAX_PIXELS": "10000",  # 100 x 100: the digits are 8 x 8
-    "TRANSFER_SERVE_MAX_BODY_BYTES": "1000000",
-    "TRANSFER_SERVE_MAX_BATCH_SIZE": "16",
-    "TRANSFER_SERVE_MAX_LATENCY_MS": "30000",  # a loaded 2-core test machine must not turn waits into 503s
-}
+__all__ = ["SERVER_ENV", "running_server"]  # used by conftest and the reliability tests
 
 
 @contextlib.contextmanager
 def running_server(artifact_dir: Path, home: Path, *options: str, **settings: str) -> Iterator[httpx.Client]:
     """`transfer-serve serve ARTIFACT` on a free loopback port; yields a client once /readyz says ready."""
     try:
-        with local_server(artifact_dir, home, *options, ready_timeout_s=150, **settings) as url:
-            with httpx.Client(base_url=url, timeout=60) as client:
-                yield client
+        with server_client(artifact_dir, home, *options, **settings) as client:
+            yield client
     except ServerStartError as exc:
         pytest.fail(str(exc))
 
@@ -131,7 +125,8 @@ def test_extraction_job_embeddings_equal_the_service_embed_answer(server, digit_
     """The batch job and the HTTP service share runtime and preprocessing: same image, same vector."""
     import pandas as pd
 
-    from service.extraction import ExtractionConfig, run_extraction
+    from extraction.config import ExtractionConfig
+    from extraction.job import run_extraction
 
     manifest = tmp_path / "inputs.csv"
     manifest.write_text("path\n" + "".join(f"{p}\n" for p in digit_files))
@@ -296,12 +291,12 @@ def test_bentoml_build_packs_service_and_model_offline(artifact_dir, tmp_path):
     env |= {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
     root = Path(__file__).resolve().parent.parent
     imported = subprocess.run(
-        [sys.executable, "-m", "service.cli", "import", str(artifact_dir)], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "cli", "import", str(artifact_dir)], env=env, capture_output=True, text=True
     )
     assert imported.returncode == 0, imported.stderr
     tag = re.search(r"model-store tag: (\S+)", imported.stdout).group(1)
     again = subprocess.run(
-        [sys.executable, "-m", "service.cli", "import", str(artifact_dir)], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "cli", "import", str(artifact_dir)], env=env, capture_output=True, text=True
     )
     assert again.returncode == 0 and tag in again.stdout  # importing the same artifact twice is harmless
 

@@ -18,9 +18,9 @@ from pydantic import BaseModel, ValidationError
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
+from models.image_files import IMAGE_SUFFIXES, list_image_files
 from models.preprocessing import ImageDecodeError, load_image
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLIT_NAMES = ("train", "val", "test")
 SplitName = Literal["train", "val", "test"]
 
@@ -52,15 +52,11 @@ class Splits(BaseModel):
         return [r.model_copy(update={"split": name}) for name in SPLIT_NAMES for r in getattr(self, name)]
 
 
-def _images_under(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def _class_folders(directory: Path, split: SplitName | None) -> list[ImageRecord]:
     return [
         ImageRecord(path=path, label=class_dir.name, split=split)
         for class_dir in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
-        for path in _images_under(class_dir)
+        for path in list_image_files(class_dir)
     ]
 
 

@@ -23,10 +23,12 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from service.extraction import JobPlan, ShardAssembler, progress_bar
-from service.extraction_decode import decode_batch
-from service.extraction_predictor import EmbeddingPredictor
-from service.extraction_schema import ExtractionError
+from extraction.config import ExtractionError
+from extraction.decode import decode_batch
+from extraction.plan import JobPlan
+from extraction.predictor import EmbeddingPredictor
+from extraction.progress import progress_bar
+from extraction.shards import ShardAssembler
 
 
 def _import_ray():
@@ -86,7 +88,7 @@ def run_ray(plan: JobPlan, assembler: ShardAssembler, pending: Sequence[int]) ->
         with progress_bar(len(indices), config.show_progress, "extract (ray)") as bar:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 bar.update(assembler.add(batch))
-        return {"device": plan.device}
+        return {"device": plan.inference.device}
     finally:
         if started:
             ray.shutdown()

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 import typer
 from pydantic import ValidationError
 
+from models.inference import DEFAULT_TOP_K
+
 # TorchScript is one of the artifact's two required forms; torch's deprecation notice for it is noise here.
 warnings.filterwarnings("ignore", message="`torch.jit", category=FutureWarning)
 
@@ -41,7 +43,7 @@ def friendly_errors(command: Callable) -> Callable:
         from models.runtimes import DeviceError
         from training.data import DataError
         from training.export import ParityError
-        from service.extraction_schema import ExtractionError
+        from extraction.config import ExtractionError
 
         try:
             return command(*args, **kwargs)
@@ -161,6 +163,7 @@ def evaluate(
     runtime: str = typer.Option("auto", help="auto | onnx | torchscript."),
 ) -> None:
     """Score an artifact on labelled images: accuracy, macro-F1, per-class precision/recall, confusion, ECE."""
+    from models.inference import InferenceOptions
     from models.predictor import Predictor
     from training.data import DataError, discover_images
     from training.evaluate import evaluate_artifact, save_confusion_matrix_png
@@ -170,7 +173,7 @@ def evaluate(
         records = [r for r in records if r.split == split]
         if not records:
             raise DataError(f"{data} has no images in split {split!r}")
-    report, skipped = evaluate_artifact(Predictor.from_artifact(artifact, runtime=runtime), records)
+    report, skipped = evaluate_artifact(Predictor.from_artifact(artifact, InferenceOptions(runtime=runtime)), records)
     output.mkdir(parents=True, exist_ok=True)
     (output / "report.json").write_text(report.model_dump_json(indent=2))
     save_confusion_matrix_png(report, output / "confusion_matrix.png")
@@ -265,7 +268,7 @@ def extract(
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     shard_size: int = typer.Option(4096, help="Images per Parquet shard (the unit of resume)."),
     workers: int = typer.Option(2, help="Local engine: image-decoding worker processes (0: in-process)."),
-    top_k: int = typer.Option(5, help="Labels kept per image."),
+    top_k: int = typer.Option(DEFAULT_TOP_K, help="Labels kept per image."),
     embedding_dtype: str = typer.Option("float32", help="float32 | float16."),
     runtime: str = typer.Option("auto", help="auto | onnx | torchscript (auto: onnx on CPU, torchscript on GPU)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -278,8 +281,8 @@ def extract(
     progress: bool = typer.Option(True, help="Show a progress bar (images/s, ETA)."),
 ) -> None:
     """Embed and classify every image into resumable Parquet shards (same runtime and preprocessing as the service)."""
-    from service.extraction import run_extraction
-    from service.extraction_schema import ExtractionConfig, RayOptions
+    from extraction.config import ExtractionConfig, RayOptions
+    from extraction.job import run_extraction
 
     config = ExtractionConfig(
         artifact=artifact, input=input, output=output, batch_size=batch_size, shard_size=shard_size, workers=workers,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from extraction.config import EmbeddingDType
+from models.inference import DEFAULT_TOP_K, InferenceOptions, cap_top_k
 from models.predictor import Predictor
-from models.runtimes import DeviceName, Precision, RuntimeName
-from service.extraction_schema import EmbeddingDType, effective_top_k
 
 
 class EmbeddingPredictor:
@@ -24,14 +24,12 @@ class EmbeddingPredictor:
     def __init__(
         self,
         artifact: str | Path,
-        runtime: RuntimeName = "auto",
-        device: DeviceName = "auto",
-        precision: Precision = "fp32",
-        top_k: int = 5,
+        options: InferenceOptions | dict | None = None,
+        top_k: int = DEFAULT_TOP_K,
         embedding_dtype: EmbeddingDType = "float32",
     ) -> None:
-        self.predictor = Predictor.from_artifact(artifact, runtime=runtime, device=device, precision=precision)
-        self.top_k = effective_top_k(top_k, self.predictor.manifest)
+        self.predictor = Predictor.from_artifact(artifact, InferenceOptions.model_validate(options or {}))
+        self.top_k = cap_top_k(top_k, self.predictor.manifest.num_classes)
         self.embedding_dtype = np.dtype(embedding_dtype)
 
     def describe(self) -> dict[str, str]:
