@@ -79,9 +79,7 @@ def missing_internals() -> list[str]:
         method = getattr(IODescriptor, hook, None)
         if method is None or tuple(inspect.signature(method).parameters) != parameters:
             missing.append(f"bentoml IODescriptor.{hook}{parameters}")
-    if "multipart_fields" not in getattr(IODescriptor, "__annotations__", {}) and not any(
-        "multipart_fields" in getattr(base, "__annotations__", {}) for base in IODescriptor.__mro__
-    ):
+    if not any("multipart_fields" in vars(base).get("__annotations__", {}) for base in IODescriptor.__mro__):
         missing.append("bentoml IODescriptor.multipart_fields")
     shutdown = getattr(uvicorn.Server, "shutdown", None)
     if not inspect.iscoroutinefunction(shutdown) or "sockets" not in inspect.signature(shutdown).parameters:
@@ -92,7 +90,8 @@ def missing_internals() -> list[str]:
 
 
 def check_compatibility(installed: Mapping[str, str] | None = None) -> None:
-    """Warn when bentoml/uvicorn differ from `TESTED_VERSIONS` in major.minor; raise when what is relied upon is gone."""
+    """Warn when bentoml/uvicorn differ from `TESTED_VERSIONS` in major.minor; raise when what is relied
+    upon is gone."""
     installed = dict(installed or installed_versions())
     untested = {
         package: version for package, version in installed.items() if major_minor(version) != TESTED_VERSIONS[package]
