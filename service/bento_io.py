@@ -3,26 +3,26 @@
 A batchable BentoML API takes a single list argument; BentoML concatenates the lists of the requests that
 share a batch and hands each request back its slice of the returned list. Here every list item is one
 decoded image plus its request's options (`ClassifyItem`, `EmbedItem`), and every returned item is a
-one-image response that `BatchShares` merges back into the request's response.
+one-image response that `MergingOutput` merges back into the request's response.
 
-`ImageBatchInput.from_http_request` replaces BentoML's body parsing with `service.uploads`, so body
-limits, field checks and image decoding happen per request, before the request is queued for a batch:
-a bad image is answered with its own 4xx and never reaches the forward pass that serves other requests.
-It also means BentoML's own fetching of URLs given in place of files never runs. The OpenAPI page shows
-the documented multipart body (`wire_model`), not the internal batch items.
+`ImageBatchInput.parse_request` replaces BentoML's body parsing with `service.uploads`, so body limits,
+field checks and image decoding happen per request, before the request is queued for a batch: a bad image
+is answered with its own 4xx and never reaches the forward pass that serves other requests. It also means
+BentoML's own fetching of URLs given in place of files never runs. The OpenAPI page shows the documented
+multipart body (`wire_model`), not the internal batch items. The BentoML hooks this takes are overridden
+in one place, `service.bentoml_compat` (`RequestParsingInput`, `MergingOutput`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Self
 
-from bentoml import IODescriptor
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, SkipValidation
 from starlette.requests import Request
-from starlette.responses import Response
 
+from service.bentoml_compat import MergingOutput, RequestParsingInput
 from service.schemas import (
     ClassifyForm,
     ClassifyOptions,
@@ -46,34 +46,32 @@ class EmbedItem:
     normalize: bool
 
 
-class ImageBatchInput(IODescriptor):
+class ImageBatchInput(RequestParsingInput):
     """One request's images as batch items; subclasses say which options and items. Bind limits with `with_limits`."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
+    file_fields = (IMAGES_FIELD,)
     limits: ClassVar[UploadLimits]
     options_model: ClassVar[type[BaseModel]]
-    wire_model: ClassVar[type[BaseModel]]
 
     @classmethod
-    def with_limits(cls, limits: UploadLimits) -> type["ImageBatchInput"]:
-        return type(cls.__name__, (cls,), {"limits": limits, "__module__": cls.__module__})
+    def with_limits(cls, limits: UploadLimits) -> type[Self]:
+        """This input with `limits` bound: a subclass named like this class, so the OpenAPI page is unchanged."""
+        bound_limits = limits
+
+        class Bound(cls):  # type: ignore[valid-type,misc]
+            limits = bound_limits
+
+        Bound.__name__, Bound.__qualname__ = cls.__name__, cls.__qualname__
+        return Bound
 
     @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        cls.multipart_fields = [IMAGES_FIELD]  # documented as multipart/form-data
-
-    @classmethod
-    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return cls.wire_model.model_json_schema(*args, **kwargs)
-
-    @classmethod
-    async def from_http_request(cls, request: Request, serde: Any) -> "ImageBatchInput":
+    async def parse_request(cls, request: Request) -> Self:
         return cls.from_image_request(await read_image_request(request, cls.options_model, cls.limits))
 
     @classmethod
-    def from_image_request(cls, request: ImageRequest[Any]) -> "ImageBatchInput":
+    def from_image_request(cls, request: ImageRequest[Any]) -> Self:
         raise NotImplementedError
 
 
@@ -99,19 +97,9 @@ class EmbedInput(ImageBatchInput):
         return cls(images=[EmbedItem(image, request.options.normalize) for image in request.images])
 
 
-class BatchShares(IODescriptor):
-    """Output descriptor base: the batched method returns one-image responses; merge one request's share."""
-
-    @classmethod
-    async def to_http_response(cls, obj: Any, serde: Any) -> Response:
-        if isinstance(obj, Sequence):
-            obj = cls.merge(obj)  # type: ignore[attr-defined]
-        return await super().to_http_response(obj, serde)
-
-
-class ClassifyOutput(BatchShares, ClassifyResponse):
+class ClassifyOutput(MergingOutput, ClassifyResponse):
     pass
 
 
-class EmbedOutput(BatchShares, EmbedResponse):
+class EmbedOutput(MergingOutput, EmbedResponse):
     pass

@@ -3,23 +3,25 @@
 Configured by `TRANSFER_SERVE_*` environment variables (service/settings.py). /classify and /embed are
 batchable: concurrent requests share one forward pass of at most `max_batch_size` images; each request is
 parsed, checked and decoded on its own first (service/bento_io.py), so a bad upload never joins a batch.
+What this relies on of BentoML's and uvicorn's internals is in service/bentoml_compat.py, installed in each
+worker by the `@bentoml.on_startup` hook below.
 """
 
 from __future__ import annotations
+
+import threading
 
 import bentoml
 from bentoml.models import BentoModel
 
 from models.predictor import l2_normalize
 from service.bento_io import ClassifyInput, ClassifyItem, ClassifyOutput, EmbedInput, EmbedItem, EmbedOutput
-from service.errors import JSONErrorBody
+from service.bentoml_compat import JSONErrorBody, install_in_worker
 from service.loading import load_predictor, warm_up
 from service.schemas import ClassifyResponse, EmbedResponse, ModelMetadata, ModelRef
 from service.settings import ServiceSettings
-from service.shutdown import refuse_new_connections_on_shutdown, shutting_down
 
 settings = ServiceSettings.from_env()
-refuse_new_connections_on_shutdown()  # SIGTERM: readiness false, new connections refused, in-flight finish
 # max_batch_size 1 turns adaptive batching off (BentoML refuses a batchable API with a max batch of 1): each
 # request then runs its own images in one forward pass, as soon as it arrives
 BATCHING = (
@@ -39,9 +41,15 @@ class TransferServe:
         self.predictor = load_predictor(settings, self.stored_model)
         self.model = ModelRef.of(self.predictor.manifest)
         self.ready = warm_up(self.predictor, settings.warmup_batches, settings.max_batch_size)
+        self.shutting_down = threading.Event()
+
+    @bentoml.on_startup
+    def refuse_new_connections_on_shutdown(self) -> None:
+        """SIGTERM: readiness false, new connections refused at once, in-flight requests finish."""
+        install_in_worker(before_shutdown=self.shutting_down.set)
 
     def __is_ready__(self) -> bool:
-        return self.ready and not shutting_down()
+        return self.ready and not self.shutting_down.is_set()
 
     @bentoml.api(input_spec=ClassifyInput.with_limits(settings.upload_limits()), output_spec=ClassifyOutput, **BATCHING)
     def classify(self, images: list[ClassifyItem]) -> list[ClassifyResponse]:

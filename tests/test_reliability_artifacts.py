@@ -39,7 +39,7 @@ def test_no_product_code_unpickles_or_loads_torch_files_unsafely():
                 assert not any(k.arg == "allow_pickle" for k in node.keywords), where
             if name.endswith("read_pickle"):
                 raise AssertionError(f"{where}: {name}")
-    assert torch_loads >= 3  # the trainer's checkpoints and the registry's weights are found and checked
+    assert torch_loads >= 3  # the run folder's checkpoints (training/run_dir.py) and the registry's weights are found and checked
 
 
 def test_url_fetch_is_off_unless_the_operator_enables_it():

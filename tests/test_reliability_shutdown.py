@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from service.shutdown import stop_listening
+from service.bentoml_compat import stop_listening
 from test_service import SERVER_ENV, running_server
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,8 @@ from starlette.testclient import TestClient
 from models.artifact import ArtifactError, load_artifact
 from models.predictor import Predictor, TopK
 from models.runtimes import OnnxRuntime, PrecisionError, TorchScriptRuntime
-from service.errors import JSONErrorBody, PayloadTooLarge, RequestError, UnprocessableImage, error_message
+from service.bentoml_compat import JSONErrorBody, error_message
+from service.errors import PayloadTooLarge, RequestError, UnprocessableImage
 from service.launch import server_env
 from service.loading import artifact_dir, warm_up
 from service.model_store import store_tag, tag_part

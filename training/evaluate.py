@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Sequence
 
 import numpy as np
 from pydantic import BaseModel
@@ -74,7 +74,8 @@ def evaluate_predictions(probabilities: np.ndarray, targets: Sequence[int], labe
     )
 
 
-def save_confusion_matrix_png(report: EvaluationReport, path: Path) -> Path:
+def save_confusion_matrix_png(report: EvaluationReport, path: Path | BinaryIO) -> Path | BinaryIO:
+    """Draw the confusion matrix as a PNG into `path` (a file name, or a binary file open for writing)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +89,7 @@ def save_confusion_matrix_png(report: EvaluationReport, path: Path) -> Path:
     )
     axes.set_title(f"accuracy {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f} (n={report.images})")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
     plt.close(figure)
     return path
 

@@ -1,7 +1,8 @@
 """Export a fine-tuned TransferNet to one artifact: TorchScript + ONNX + manifest, with proven parity.
 
 The artifact is written to a temporary sibling directory and renamed into place only after the parity
-check passes, so a failed export never leaves a half-written artifact behind.
+check passes, so a failed export never leaves a half-written artifact behind. `export_run` exports a
+finished training run (its `model.pt`, labels, preprocessing and test metrics).
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ from models.artifact import (
     sha256_file,
     write_manifest,
 )
-from models.network import TransferNet
-from models.preprocessing import Preprocessing
+from models.network import TransferNet, build_network
+from models.preprocessing import Preprocessing, eval_transform
+from training.data import ImageDataset
+from training.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
 ONNX_OPSET = 18
+PARITY_IMAGES = 16
+"""Test images a run's export checks parity on."""
 PARITY_TOLERANCE = 1e-4
 """Allowed max |logit difference| per unit of logit scale: 1e-4 for logits within [-1, 1], proportionally
 more for larger logits, since fp32 rounding error grows with the magnitude of what is rounded."""
@@ -161,3 +166,30 @@ def export_artifact(
         raise
     logger.info("exported %s (parity: %s)", output, parity)
     return load_artifact(output)
+
+
+def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Export a run's best weights with its labels, preprocessing and test metrics; parity on test images."""
+    run = RunDir(run_dir)
+    run.require_finished()
+    checkpoint = run.load_checkpoint()
+    config = checkpoint.config
+    preprocessing = config.preprocessing()
+    model = build_network(config.backbone, len(checkpoint.labels), weights="none", dropout=config.dropout)
+    model.load_state_dict(run.load_final_weights())
+    test_records = run.load_splits().test[:PARITY_IMAGES]
+    test_set = ImageDataset(test_records, checkpoint.labels, eval_transform(preprocessing))
+    test = run.load_test_report()
+    output = Path(output) if output else run.artifact
+    export_artifact(
+        model,
+        labels=checkpoint.labels,
+        backbone=config.backbone,
+        preprocessing=preprocessing,
+        parity_batch=torch.stack([test_set[i][0] for i in range(len(test_set))]),
+        output=output,
+        name=config.name or Path(config.data).stem,
+        metrics={f"test_{k}": v for k, v in test.headline().items()}
+        | {"best_val_accuracy": max(h.val_accuracy for h in checkpoint.history)},
+    )
+    return output

@@ -1,21 +1,16 @@
-"""The fine-tuning loop: data -> TransferNet -> epochs with early stopping -> test metrics -> artifact.
+"""The fine-tuning loop: data -> TransferNet -> epochs with early stopping -> calibration and test -> artifact.
 
-A run directory holds everything a run produces, so an interrupted run resumes from it:
-`splits.csv` (the exact train/val/test split), `skipped.json` (unreadable images and why),
-`checkpoint.pt` (last epoch: model, optimizer, scheduler, history), `best.pt` (best validation weights),
-`model.pt` (best weights with the fitted softmax temperature folded in: what is tested and exported),
-`calibration.json`, `history.json`, `test_report.json`, `confusion_matrix.png` and the exported `artifact/`.
+`train` runs the steps below in order; what each writes to the run folder, and how a resumed run reads it
+back, is `training.run_dir.RunDir`'s.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +22,7 @@ from tqdm.auto import tqdm
 from models.network import TransferNet, build_network
 from models.preprocessing import eval_transform, train_transform
 from models.runtimes import resolve_device
+from training.calibration import fit_temperature, fold_temperature
 from training.config import TrainConfig
 from training.data import (
     DataError,
@@ -35,34 +31,13 @@ from training.data import (
     SkippedImage,
     Splits,
     discover_images,
-    read_csv_manifest,
     scan_readable,
     split_records,
-    write_csv_manifest,
 )
-from training.calibration import fit_temperature, fold_temperature
-from training.evaluate import EvaluationReport, evaluate_predictions, save_confusion_matrix_png
-from training.export import export_artifact
+from training.evaluate import EvaluationReport, evaluate_predictions
+from training.export import export_run
+from training.run_dir import Checkpoint, EpochRecord, RunDir
 from training.strategies import enter_train_mode, group_learning_rates, set_trainable, trainable_group_count
-
-CHECKPOINT_FILE = "checkpoint.pt"
-BEST_FILE = "best.pt"
-FINAL_FILE = "model.pt"
-SPLITS_FILE = "splits.csv"
-ARTIFACT_DIR = "artifact"
-PARITY_IMAGES = 16
-
-
-class EpochRecord(BaseModel):
-    epoch: int
-    trainable_groups: int
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    val_macro_f1: float
-    seconds: float
-    train_images_per_second: float
 
 
 class TrainResult(BaseModel):
@@ -72,12 +47,6 @@ class TrainResult(BaseModel):
     test: EvaluationReport
     skipped: list[SkippedImage]
     artifact: Path | None
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -116,14 +85,21 @@ def class_weights(train: list[ImageRecord], labels: list[str]) -> torch.Tensor:
     return torch.tensor([total / (len(labels) * max(1, counts[label])) for label in labels], dtype=torch.float32)
 
 
-def prepare_splits(config: TrainConfig, run_dir: Path) -> tuple[Splits, list[SkippedImage]]:
+def open_run_dir(config: TrainConfig) -> RunDir:
+    """The run folder of `config`, created; refuses to overwrite a run, or to resume one that is not there."""
+    run = RunDir(config.output)
+    if run.holds_run() and not config.resume:
+        raise DataError(f"{run.root} already holds a training run; pass --resume to continue it, or choose another --output")
+    if config.resume and not run.holds_run():
+        raise DataError(f"--resume: no checkpoint in {run.root}")
+    run.create()
+    return run
+
+
+def prepare_splits(config: TrainConfig, run: RunDir) -> tuple[Splits, list[SkippedImage]]:
     """Discover, scan and split the data once; a resumed run reads the saved split instead."""
-    splits_path = run_dir / SPLITS_FILE
-    skipped_path = run_dir / "skipped.json"
-    if config.resume and splits_path.exists():
-        records = read_csv_manifest(splits_path)
-        skipped = [SkippedImage.model_validate(s) for s in json.loads(skipped_path.read_text())]
-        return split_records(records), skipped
+    if config.resume and run.splits.exists():
+        return run.load_splits(), run.load_skipped()
     records = discover_images(config.data)
     good, skipped = scan_readable(records, workers=max(2, config.workers))
     for item in skipped:
@@ -131,8 +107,7 @@ def prepare_splits(config: TrainConfig, run_dir: Path) -> tuple[Splits, list[Ski
     if not good:
         raise DataError(f"{config.data}: none of the {len(records)} images could be read")
     splits = split_records(good, config.val_fraction, config.test_fraction, config.seed)
-    write_csv_manifest(splits.records(), splits_path)
-    skipped_path.write_text(json.dumps([s.model_dump(mode="json") for s in skipped], indent=2))
+    run.save_splits(splits, skipped)
     return splits, skipped
 
 
@@ -171,165 +146,184 @@ def _probabilities(logits: torch.Tensor) -> np.ndarray:
     return logits.softmax(1).numpy()
 
 
-def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
-    run_dir = Path(config.output)
-    checkpoint_path = run_dir / CHECKPOINT_FILE
-    if checkpoint_path.exists() and not config.resume:
-        raise DataError(f"{run_dir} already holds a training run; pass --resume to continue it, or choose another --output")
-    if config.resume and not checkpoint_path.exists():
-        raise DataError(f"--resume: no checkpoint in {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(resolve_device(config.device))
+@dataclass
+class TrainingSetup:
+    """What the epochs train and are measured on."""
 
-    splits, skipped = prepare_splits(config, run_dir)
+    labels: list[str]
+    model: TransferNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    train_set: ImageDataset
+    val_set: ImageDataset
+    test_set: ImageDataset
+    device: torch.device
+
+
+@dataclass
+class EpochProgress:
+    """Where the epoch loop stands: what a checkpoint saves and a resumed run starts from."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    next_epoch: int = 0
+    best_epoch: int = -1
+    best_key: tuple[float, float] = (-1.0, 0.0)
+
+    @property
+    def epochs_without_improvement(self) -> int:
+        return self.next_epoch - 1 - self.best_epoch if self.history else 0
+
+
+def build_model_and_optimizer(config: TrainConfig, splits: Splits, device: torch.device) -> TrainingSetup:
+    """The network (seeded; no pretrained weights when resuming), datasets, optimizer, schedule and loss."""
     labels = splits.labels()
     preprocessing = config.preprocessing()
-
     torch.manual_seed(config.seed)
-    model = build_network(config.backbone, len(labels), weights="none" if config.resume else config.weights, dropout=config.dropout)
+    weights = "none" if config.resume else config.weights
+    model = build_network(config.backbone, len(labels), weights=weights, dropout=config.dropout)
     model = model.to(device).to(memory_format=torch.channels_last)
-    groups = model.layer_groups()
-
     train_set = ImageDataset(splits.train, labels, train_transform(preprocessing, config.horizontal_flip))
     val_set = ImageDataset(splits.val, labels, eval_transform(preprocessing))
     test_set = ImageDataset(splits.test, labels, eval_transform(preprocessing))
     steps_per_epoch = len(_loader(train_set, config, shuffle=True, seed=0))
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch)
-    weights = class_weights(splits.train, labels).to(device) if config.class_weights else None
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+    loss_weights = class_weights(splits.train, labels).to(device) if config.class_weights else None
+    criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=config.label_smoothing)
+    return TrainingSetup(labels, model, optimizer, scheduler, criterion, train_set, val_set, test_set, device)
 
-    history: list[EpochRecord] = []
-    start_epoch, best_epoch, best_key = 0, -1, (-1.0, 0.0)
-    if config.resume:
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state["labels"] != labels or state["backbone"] != config.backbone:
-            raise DataError(f"{checkpoint_path} was trained on other labels or another backbone; it cannot be resumed here")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = [EpochRecord.model_validate(h) for h in state["history"]]
-        start_epoch, best_epoch = state["epoch"] + 1, state["best_epoch"]
-        best_key = tuple(state["best_key"])
 
-    epochs_without_improvement = start_epoch - 1 - best_epoch if history else 0
-    for epoch in range(start_epoch, config.epochs):
+def resume_from_checkpoint(config: TrainConfig, run: RunDir, setup: TrainingSetup) -> EpochProgress:
+    """Load the last checkpoint's model, optimizer and schedule into `setup`; where its epochs stopped."""
+    checkpoint = run.load_checkpoint(setup.device)
+    if checkpoint.labels != setup.labels or checkpoint.backbone != config.backbone:
+        raise DataError(f"{run.checkpoint} was trained on other labels or another backbone; it cannot be resumed here")
+    setup.model.load_state_dict(checkpoint.model)
+    setup.optimizer.load_state_dict(checkpoint.optimizer)
+    setup.scheduler.load_state_dict(checkpoint.scheduler)
+    return EpochProgress(checkpoint.history, checkpoint.epoch + 1, checkpoint.best_epoch, checkpoint.best_key)
+
+
+def train_one_epoch(config: TrainConfig, setup: TrainingSetup, epoch: int, show_progress: bool) -> tuple[float, float, int]:
+    """One pass over the training split: (mean loss, accuracy, images seen)."""
+    model, device = setup.model, setup.device
+    loader = _loader(setup.train_set, config, shuffle=True, seed=config.seed * 1000 + epoch)
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_progress, leave=True)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with _autocast(device):
+            logits, _ = model(images)
+            loss = setup.criterion(logits.float(), targets)
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        setup.optimizer.step()
+        setup.scheduler.step()
+        loss_sum += loss.item() * len(targets)
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += len(targets)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return loss_sum / max(1, seen), correct / max(1, seen), seen
+
+
+def run_epochs(
+    config: TrainConfig, run: RunDir, setup: TrainingSetup, progress: EpochProgress, show_progress: bool
+) -> EpochProgress:
+    """Train and validate epoch by epoch until `config.epochs` or early stopping; checkpoint after each."""
+    groups = setup.model.layer_groups()
+    epochs_without_improvement = progress.epochs_without_improvement
+    for epoch in range(progress.next_epoch, config.epochs):
         if epochs_without_improvement >= config.patience:
             break
         started = time.perf_counter()
         torch.manual_seed(config.seed * 1000 + epoch)
         count = trainable_group_count(config.strategy, epoch, config.epochs, len(groups))
         set_trainable(groups, count)
-        enter_train_mode(model, groups)
-        loader = _loader(train_set, config, shuffle=True, seed=config.seed * 1000 + epoch)
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_progress, leave=True)
-        for images, targets in bar:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            targets = targets.to(device, non_blocking=True)
-            with _autocast(device):
-                logits, _ = model(images)
-                loss = criterion(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(targets)
-            correct += (logits.argmax(1) == targets).sum().item()
-            seen += len(targets)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        enter_train_mode(setup.model, groups)
+        train_loss, train_accuracy, seen = train_one_epoch(config, setup, epoch, show_progress)
         train_seconds = time.perf_counter() - started
 
-        val_logits, val_targets = predict_loader(model, _loader(val_set, config, False, 0), device)
-        val = evaluate_predictions(_probabilities(val_logits), val_targets.numpy(), labels)
+        val_logits, val_targets = predict_loader(setup.model, _loader(setup.val_set, config, False, 0), setup.device)
+        val = evaluate_predictions(_probabilities(val_logits), val_targets.numpy(), setup.labels)
         val_loss = float(nn.functional.cross_entropy(val_logits, val_targets))
         record = EpochRecord(
             epoch=epoch,
             trainable_groups=count,
-            train_loss=loss_sum / max(1, seen),
-            train_accuracy=correct / max(1, seen),
+            train_loss=train_loss,
+            train_accuracy=train_accuracy,
             val_loss=val_loss,
             val_accuracy=val.accuracy,
             val_macro_f1=val.macro_f1,
             seconds=time.perf_counter() - started,
             train_images_per_second=seen / train_seconds,
         )
-        history.append(record)
+        progress.history.append(record)
+        progress.next_epoch = epoch + 1
         if show_progress:
             tqdm.write(
                 f"epoch {epoch + 1}: val accuracy {val.accuracy:.4f}, macro-F1 {val.macro_f1:.4f}, "
                 f"val loss {val_loss:.4f} ({record.train_images_per_second:.0f} img/s)"
             )
         key = (val.accuracy, -val_loss)
-        if key > best_key:
-            best_key, best_epoch, epochs_without_improvement = key, epoch, 0
-            _atomic_save(model.state_dict(), run_dir / BEST_FILE)
+        if key > progress.best_key:
+            progress.best_key, progress.best_epoch, epochs_without_improvement = key, epoch, 0
+            run.save_best_weights(setup.model.state_dict())
         else:
             epochs_without_improvement += 1
-        _atomic_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "best_epoch": best_epoch,
-                "best_key": list(best_key),
-                "history": [h.model_dump() for h in history],
-                "labels": labels,
-                "backbone": config.backbone,
-                "config": config.model_dump(mode="json"),
-            },
-            checkpoint_path,
+        run.save_checkpoint(
+            Checkpoint(
+                model=setup.model.state_dict(),
+                optimizer=setup.optimizer.state_dict(),
+                scheduler=setup.scheduler.state_dict(),
+                epoch=epoch,
+                best_epoch=progress.best_epoch,
+                best_key=progress.best_key,
+                history=progress.history,
+                labels=setup.labels,
+                backbone=config.backbone,
+                config=config,
+            )
         )
-    (run_dir / "history.json").write_text(json.dumps([h.model_dump() for h in history], indent=2))
+    return progress
 
-    model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True))
-    val_logits, val_targets = predict_loader(model, _loader(val_set, config, False, 0), device)
+
+def calibrate_and_test(config: TrainConfig, run: RunDir, setup: TrainingSetup) -> EvaluationReport:
+    """Best weights, temperature fitted on validation and folded in (`model.pt`), then the held-out test."""
+    model, device = setup.model, setup.device
+    model.load_state_dict(run.load_best_weights(device))
+    val_logits, val_targets = predict_loader(model, _loader(setup.val_set, config, False, 0), device)
     temperature = fit_temperature(val_logits, val_targets)
     fold_temperature(model, temperature)
-    _atomic_save(model.state_dict(), run_dir / FINAL_FILE)
-    (run_dir / "calibration.json").write_text(json.dumps({"temperature": temperature}, indent=2))
+    run.save_final_weights(model.state_dict())
+    run.save_calibration(temperature)
 
-    test_logits, test_targets = predict_loader(model, _loader(test_set, config, False, 0), device)
-    test = evaluate_predictions(_probabilities(test_logits), test_targets.numpy(), labels)
-    (run_dir / "test_report.json").write_text(test.model_dump_json(indent=2))
-    save_confusion_matrix_png(test, run_dir / "confusion_matrix.png")
+    test_logits, test_targets = predict_loader(model, _loader(setup.test_set, config, False, 0), device)
+    test = evaluate_predictions(_probabilities(test_logits), test_targets.numpy(), setup.labels)
+    run.save_test_report(test)
+    return test
 
-    artifact_path = None
-    if config.export:
-        artifact_path = run_dir / ARTIFACT_DIR
-        if not artifact_path.exists():
-            export_run(run_dir, artifact_path)
+
+def export_if_requested(config: TrainConfig, run: RunDir) -> Path | None:
+    """The run's artifact (exported now unless an earlier attempt of this run already did), or None."""
+    if not config.export:
+        return None
+    if not run.artifact.exists():
+        export_run(run.root, run.artifact)
+    return run.artifact
+
+
+def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
+    run = open_run_dir(config)
+    device = torch.device(resolve_device(config.device))
+    splits, skipped = prepare_splits(config, run)
+    setup = build_model_and_optimizer(config, splits, device)
+    progress = resume_from_checkpoint(config, run, setup) if config.resume else EpochProgress()
+    progress = run_epochs(config, run, setup, progress, show_progress)
+    run.save_history(progress.history)
+    test = calibrate_and_test(config, run, setup)
+    artifact = export_if_requested(config, run)
     return TrainResult(
-        run_dir=run_dir, best_epoch=best_epoch, history=history, test=test, skipped=skipped, artifact=artifact_path
+        run_dir=run.root, best_epoch=progress.best_epoch, history=progress.history, test=test, skipped=skipped,
+        artifact=artifact,
     )
-
-
-def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Export a run's best weights with its labels, preprocessing and test metrics; parity on test images."""
-    run_dir = Path(run_dir)
-    for required in (CHECKPOINT_FILE, FINAL_FILE, SPLITS_FILE, "test_report.json"):
-        if not (run_dir / required).exists():
-            raise DataError(f"{run_dir} is not a finished training run: {required} is missing")
-    state = torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    config = TrainConfig.model_validate(state["config"])
-    labels = state["labels"]
-    preprocessing = config.preprocessing()
-    model = build_network(config.backbone, len(labels), weights="none", dropout=config.dropout)
-    model.load_state_dict(torch.load(run_dir / FINAL_FILE, map_location="cpu", weights_only=True))
-    test_records = split_records(read_csv_manifest(run_dir / SPLITS_FILE)).test
-    test_set = ImageDataset(test_records[:PARITY_IMAGES], labels, eval_transform(preprocessing))
-    test = EvaluationReport.model_validate_json((run_dir / "test_report.json").read_text())
-    history = [EpochRecord.model_validate(h) for h in state["history"]]
-    output = Path(output) if output else run_dir / ARTIFACT_DIR
-    export_artifact(
-        model,
-        labels=labels,
-        backbone=config.backbone,
-        preprocessing=preprocessing,
-        parity_batch=torch.stack([test_set[i][0] for i in range(len(test_set))]),
-        output=output,
-        name=config.name or Path(config.data).stem,
-        metrics={f"test_{k}": v for k, v in test.headline().items()}
-        | {"best_val_accuracy": max(h.val_accuracy for h in history)},
-    )
-    return output

@@ -1,0 +1,212 @@
+"""A training run folder: the path of every file a run writes, and how each is saved and read back.
+
+A run directory holds everything a run produces, so an interrupted run resumes from it:
+`splits.csv` (the exact train/val/test split), `skipped.json` (unreadable images and why),
+`checkpoint.pt` (last epoch: model, optimizer, scheduler, history and the run's configuration), `best.pt`
+(best validation weights), `model.pt` (best weights with the fitted softmax temperature folded in: what
+is tested and exported), `calibration.json`, `history.json`, `test_report.json`, `confusion_matrix.png`
+and the exported `artifact/`. Every file is written atomically (`models.files.atomic_write`): a crash
+leaves the previous version or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, overload
+
+import torch
+from pydantic import BaseModel, TypeAdapter
+
+from models.files import atomic_write, atomic_write_bytes, atomic_write_text
+from training.config import TrainConfig
+from training.data import DataError, SkippedImage, Splits, read_csv_manifest, split_records, write_csv_manifest
+from training.evaluate import EvaluationReport, save_confusion_matrix_png
+
+StateDict = dict[str, Any]
+
+
+class EpochRecord(BaseModel):
+    epoch: int
+    trainable_groups: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    val_macro_f1: float
+    seconds: float
+    train_images_per_second: float
+
+
+_SKIPPED = TypeAdapter(list[SkippedImage])
+_HISTORY = TypeAdapter(list[EpochRecord])
+
+
+@dataclass
+class Checkpoint:
+    """The state after an epoch: enough to resume the run exactly, and to export it."""
+
+    model: StateDict
+    optimizer: StateDict
+    scheduler: StateDict
+    epoch: int
+    best_epoch: int
+    best_key: tuple[float, float]
+    """(validation accuracy, -validation loss) of the best epoch: the larger, the better."""
+    history: list[EpochRecord]
+    labels: list[str]
+    backbone: str
+    config: TrainConfig
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain tensors, numbers, strings, lists and dicts only: loadable with `weights_only=True`."""
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "epoch": self.epoch,
+            "best_epoch": self.best_epoch,
+            "best_key": list(self.best_key),
+            "history": [h.model_dump() for h in self.history],
+            "labels": self.labels,
+            "backbone": self.backbone,
+            "config": self.config.model_dump(mode="json"),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Checkpoint":
+        return cls(
+            model=state["model"],
+            optimizer=state["optimizer"],
+            scheduler=state["scheduler"],
+            epoch=state["epoch"],
+            best_epoch=state["best_epoch"],
+            best_key=(float(state["best_key"][0]), float(state["best_key"][1])),
+            history=_HISTORY.validate_python(state["history"]),
+            labels=list(state["labels"]),
+            backbone=state["backbone"],
+            config=TrainConfig.model_validate(state["config"]),
+        )
+
+
+def _save_torch(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def _load_torch(path: Path, map_location: str | torch.device) -> Any:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2).encode("utf-8")
+
+
+class RunFile:
+    """A file of the run folder: `RunDir(root).splits` is the `Path` of `splits.csv` under that run's root."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, run: None, owner: type) -> "RunFile": ...
+
+    @overload
+    def __get__(self, run: "RunDir", owner: type) -> Path: ...
+
+    def __get__(self, run: "RunDir | None", owner: type) -> "Path | RunFile":
+        return self if run is None else run.root / self.name
+
+
+class RunDir:
+    """One training run folder (`root`): its file paths, and typed save/load for each file."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    # --- paths ---------------------------------------------------------------------------------------------
+
+    splits = RunFile("splits.csv")  # the exact train/val/test split
+    skipped = RunFile("skipped.json")  # unreadable images and why
+    checkpoint = RunFile("checkpoint.pt")  # last epoch: model, optimizer, scheduler, history, configuration
+    best_weights = RunFile("best.pt")  # best validation weights
+    final_weights = RunFile("model.pt")  # best weights with the temperature folded in
+    calibration = RunFile("calibration.json")  # the fitted softmax temperature
+    history = RunFile("history.json")  # one `EpochRecord` per epoch
+    test_report = RunFile("test_report.json")  # the held-out test `EvaluationReport`
+    confusion_matrix_png = RunFile("confusion_matrix.png")  # the test confusion matrix
+    artifact = RunFile("artifact")  # the exported artifact folder
+
+    # --- state of the run ------------------------------------------------------------------------------------
+
+    def holds_run(self) -> bool:
+        """A run has written at least one epoch's checkpoint here."""
+        return self.checkpoint.exists()
+
+    def create(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def require_finished(self) -> None:
+        """Raise `DataError` naming the first file a finished run has and this folder lacks."""
+        for path in (self.checkpoint, self.final_weights, self.splits, self.test_report):
+            if not path.exists():
+                raise DataError(f"{self.root} is not a finished training run: {path.name} is missing")
+
+    # --- the split -------------------------------------------------------------------------------------------
+
+    def save_splits(self, splits: Splits, skipped: Sequence[SkippedImage]) -> None:
+        staging = self.splits.with_name(f".{self.splits.name}.staging")
+        write_csv_manifest(splits.records(), staging)  # the manifest writer takes a path, not a handle
+        atomic_write_bytes(self.splits, staging.read_bytes())
+        staging.unlink()
+        atomic_write_bytes(self.skipped, _json_bytes([s.model_dump(mode="json") for s in skipped]))
+
+    def load_splits(self) -> Splits:
+        return split_records(read_csv_manifest(self.splits))
+
+    def load_skipped(self) -> list[SkippedImage]:
+        return _SKIPPED.validate_json(self.skipped.read_bytes())
+
+    # --- weights and checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        _save_torch(self.checkpoint, checkpoint.to_state())
+
+    def load_checkpoint(self, map_location: str | torch.device = "cpu") -> Checkpoint:
+        return Checkpoint.from_state(_load_torch(self.checkpoint, map_location))
+
+    def save_best_weights(self, state_dict: StateDict) -> None:
+        _save_torch(self.best_weights, state_dict)
+
+    def load_best_weights(self, map_location: str | torch.device = "cpu") -> StateDict:
+        return _load_torch(self.best_weights, map_location)
+
+    def save_final_weights(self, state_dict: StateDict) -> None:
+        _save_torch(self.final_weights, state_dict)
+
+    def load_final_weights(self, map_location: str | torch.device = "cpu") -> StateDict:
+        return _load_torch(self.final_weights, map_location)
+
+    # --- results ---------------------------------------------------------------------------------------------
+
+    def save_history(self, history: Sequence[EpochRecord]) -> None:
+        atomic_write_bytes(self.history, _json_bytes([h.model_dump() for h in history]))
+
+    def load_history(self) -> list[EpochRecord]:
+        return _HISTORY.validate_json(self.history.read_bytes())
+
+    def save_calibration(self, temperature: float) -> None:
+        atomic_write_bytes(self.calibration, _json_bytes({"temperature": temperature}))
+
+    def load_calibration(self) -> float:
+        return float(json.loads(self.calibration.read_text())["temperature"])
+
+    def save_test_report(self, report: EvaluationReport) -> None:
+        atomic_write_text(self.test_report, report.model_dump_json(indent=2))
+        atomic_write(self.confusion_matrix_png, lambda handle: save_confusion_matrix_png(report, handle))
+
+    def load_test_report(self) -> EvaluationReport:
+        return EvaluationReport.model_validate_json(self.test_report.read_text())
