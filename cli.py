@@ -118,9 +118,11 @@ def train(
 
 
 def _report_training(result) -> None:
+    from training.run_dir import RunDir
+
     test = result.test
     if result.skipped:
-        typer.echo(f"skipped {len(result.skipped)} unreadable images (listed in {result.run_dir / 'skipped.json'})")
+        typer.echo(f"skipped {len(result.skipped)} unreadable images (listed in {RunDir(result.run_dir).skipped})")
     typer.echo(
         f"test accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  ECE {test.expected_calibration_error:.4f}"
         f"  ({test.images} held-out images, best epoch {result.best_epoch + 1})"
@@ -139,13 +141,14 @@ def demo(
     """The embedded default end to end: digits -> fine-tune efficientnet_lite0 -> test metrics -> artifact."""
     from training.config import TrainConfig
     from training.demo_data import write_digits_folder
+    from training.run_dir import RunDir
     from training.trainer import train as run_training
 
     data = workdir / "digits"
     if not data.exists():
         typer.echo(f"wrote {write_digits_folder(data)} demo images to {data}")
     run_dir = workdir / ("run" if weights == "imagenet" else f"run-{Path(weights).stem}")
-    config = TrainConfig(data=data, output=run_dir, weights=weights, resume=(run_dir / "checkpoint.pt").exists(), **DEMO_OPTIONS)
+    config = TrainConfig(data=data, output=run_dir, weights=weights, resume=RunDir(run_dir).holds_run(), **DEMO_OPTIONS)
     _report_training(run_training(config))
 
 
@@ -190,7 +193,7 @@ def export(
     output: Optional[Path] = typer.Option(None, help="Artifact directory (default: RUN_DIR/artifact)."),
 ) -> None:
     """Export a run's best weights as an artifact (TorchScript + ONNX + manifest), checking parity."""
-    from training.trainer import export_run
+    from training.export import export_run
 
     typer.echo(f"artifact: {export_run(run_dir, output)}")
 
