@@ -101,7 +101,7 @@ async def load(url: str, payloads: list[bytes], clients: int, per_request: int, 
 def raw_reference(artifact: Path, payloads: list[bytes], device: str, batch_size: int, min_seconds: float) -> list[list[object]]:
     """The server's default runtime in this process at `batch_size`: raw (pre-decoded) and end to end from JPEG bytes."""
     from models.predictor import Predictor
-    from models.preprocessing import load_image
+    from models.decoding import load_image
 
     predictor = Predictor.from_artifact(artifact, device=device)
     chosen = [payloads[i % len(payloads)] for i in range(batch_size)]

@@ -18,7 +18,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.artifact import Manifest
-from models.preprocessing import DEFAULT_MAX_PIXELS
+from models.decoding import DEFAULT_MAX_PIXELS
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"transfer_serve.extraction"

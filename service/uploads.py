@@ -22,7 +22,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from models.preprocessing import ImageDecodeError, load_image
+from models.decoding import ImageDecodeError, load_image
 from service.errors import (
     PayloadTooLarge,
     RequestError,

@@ -9,7 +9,7 @@ import training.export as export
 from models.artifact import ArtifactError, load_artifact
 from models.network import build_network
 from models.predictor import Predictor
-from models.preprocessing import load_image
+from models.decoding import load_image
 from training.data import discover_images
 
 

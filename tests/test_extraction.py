@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from models.predictor import Predictor
-from models.preprocessing import load_image
+from models.decoding import load_image
 from service import extraction
 from service.cli import app
 from service.extraction import list_inputs, read_errors, run_extraction

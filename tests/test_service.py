@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from models.predictor import Predictor, l2_normalize
-from models.preprocessing import load_image
+from models.decoding import load_image
 from service.launch import ServerStartError, local_server
 from test_service_units import zero_width_png
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
-from models.preprocessing import ImageDecodeError, load_image
+from models.decoding import ImageDecodeError, load_image
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLIT_NAMES = ("train", "val", "test")
