@@ -1,10 +1,8 @@
-"""Answer requests for paths the server does not serve before they reach BentoML's metrics.
+"""A JSON 404 for paths the server does not serve, like every other client error.
 
-BentoML's traffic metrics label every request with its raw path, so random unauthenticated GETs
-(`/wp-admin`, `/a8f3…`) would each add Prometheus series without bound (measured: 13,000 random paths
-made `/metrics` 59.6 MB and a scrape took 57 s). Middlewares a service adds sit outside BentoML's metrics
-middleware, so this one answers a path that matches no route with a 404 `{"error": ...}` itself: unknown
-paths never become label values, and the series count stays what the routes make it.
+Starlette answers an unknown path with a plain-text "Not Found"; this middleware answers it with the
+documented `{"error": ...}` body instead (the path cut to a bounded length). That unknown paths do not
+grow BentoML's per-path metrics is `service.bentoml_compat`'s route-labelled metrics, not this module.
 """
 
 from __future__ import annotations
