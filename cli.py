@@ -38,7 +38,7 @@ def friendly_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from models.artifact import ArtifactError
-        from models.preprocessing import ImageDecodeError
+        from models.decoding import ImageDecodeError
         from models.registry import UnknownBackboneError, WeightsError
         from models.runtimes import DeviceError
         from training.data import DataError

@@ -83,7 +83,7 @@ def raw_reference(artifact: Path, payloads: list[bytes], device: str, batch_size
     """The server's default runtime in this process at `batch_size`: raw (pre-decoded) and end to end from JPEG bytes."""
     from models.inference import InferenceOptions
     from models.predictor import Predictor
-    from models.preprocessing import load_image
+    from models.decoding import load_image
 
     predictor = Predictor.from_artifact(artifact, InferenceOptions(device=device))
     chosen = [payloads[i % len(payloads)] for i in range(batch_size)]

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.inference import DEFAULT_TOP_K, InferenceFields
-from models.preprocessing import DEFAULT_MAX_PIXELS
+from models.decoding import DEFAULT_MAX_PIXELS
 
 EmbeddingDType = Literal["float32", "float16"]
 EngineName = Literal["local", "ray"]

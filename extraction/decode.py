@@ -2,7 +2,7 @@
 
 `ImageDecoder` is a plain callable over column batches (`dict[str, np.ndarray]`), so the local engine runs
 it in DataLoader worker processes and the Ray engine runs it as a `map_batches` stage. It uses the one
-preprocessing definition (`models.preprocessing.load_image` + `preprocess_batch` with the artifact's
+preprocessing definition (`models.decoding.load_image` + `preprocess_batch` with the artifact's
 `Preprocessing`, exactly what `Predictor.preprocess` does); a file that cannot be decoded becomes an
 error string in its row instead of an exception, so one bad file never stops the job.
 """
@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from models.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, load_image, preprocess_batch
+from models.decoding import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+
+from models.preprocessing import Preprocessing, preprocess_batch
 
 
 class ImageDecoder:

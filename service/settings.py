@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.preprocessing import DEFAULT_MAX_PIXELS
+from models.decoding import DEFAULT_MAX_PIXELS
 from models.inference import InferenceFields
 from service.schemas import RequestLimits
 from service.uploads import UploadLimits

@@ -22,7 +22,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from models.preprocessing import ImageDecodeError, load_image
+from models.decoding import ImageDecodeError, load_image
 from service.errors import (
     PayloadTooLarge,
     RequestError,
@@ -69,7 +69,8 @@ async def read_image_request(
     body = await read_body(request, limits.max_body_bytes)
     media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if media_type in FORM_TYPES:
-        sources, fields = await parse_form(request.headers, body, limits)
+        sources, text_fields = await parse_form(request.headers, body, limits)
+        fields = form_field_values(text_fields)
     elif media_type == "application/json":
         sources, fields = parse_json(body)
     else:
@@ -148,6 +149,8 @@ def parse_json(body: bytes) -> tuple[list[ImageSource], dict[str, object]]:
         payload = json.loads(body or b"{}")
     except ValueError as exc:
         raise RequestError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError("body is not acceptable JSON: nested too deeply") from None
     if not isinstance(payload, dict):
         raise RequestError(f"JSON body must be an object with an '{IMAGES_FIELD}' list")
     if IMAGES_FIELD not in payload:
@@ -179,9 +182,24 @@ def _is_url(text: str) -> bool:
     return text.strip().lower().startswith(("http://", "https://"))
 
 
+def form_field_values(fields: dict[str, str]) -> dict[str, object]:
+    """Text form fields as typed values: a JSON number or `true`/`false` (any case) is read as such; anything
+    else stays text, so strict validation names the field ("yes" is no boolean, "2.5" no count)."""
+    values: dict[str, object] = {}
+    for key, text in fields.items():
+        literal = text.strip().lower() if text.strip().lower() in ("true", "false") else text.strip()
+        try:
+            value = json.loads(literal)
+        except ValueError:
+            value = text
+        values[key] = value if isinstance(value, (bool, int, float)) else text
+    return values
+
+
 def validate_options(options_model: type[Options], fields: dict[str, object]) -> Options:
+    """Strict: `top_k: true` or `normalize: "yes"` are refused, not coerced."""
     try:
-        return options_model.model_validate(fields)
+        return options_model.model_validate(fields, strict=True)
     except ValidationError as exc:
         raise RequestError(describe_validation_errors(exc.errors())) from None
 

@@ -10,7 +10,7 @@ from models.artifact import ArtifactError, load_artifact
 from models.network import build_network
 from models.inference import InferenceOptions
 from models.predictor import Predictor
-from models.preprocessing import load_image
+from models.decoding import load_image
 from training.data import discover_images
 
 
@@ -117,3 +117,16 @@ def test_parity_check_rejects_a_mismatched_torchscript(artifact_dir, digits_dir)
     other = build_network("efficientnet_lite0", 4, weights="none").eval()
     with pytest.raises(export.ParityError):
         export.check_parity(other, artifact.torchscript_path, artifact.onnx_path, _batch(artifact_dir, digits_dir))
+
+
+def test_digest_is_the_artifacts_identity_and_can_be_pinned(artifact_dir, tmp_path):
+    original = load_artifact(artifact_dir)
+    assert original.digest.startswith("sha256:") and load_artifact(artifact_dir).digest == original.digest
+    assert load_artifact(artifact_dir, expected_digest=original.digest).digest == original.digest
+    edited = _copy(artifact_dir, tmp_path)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["labels"][0] = "renamed"
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    assert load_artifact(edited).digest != original.digest  # every file still matches its hash
+    with pytest.raises(ArtifactError, match="digest"):
+        load_artifact(edited, expected_digest=original.digest)

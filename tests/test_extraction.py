@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from models.predictor import Predictor
-from models.preprocessing import load_image
+from models.decoding import load_image
 from cli import app
 from extraction import shards
 from extraction.config import ExtractionConfig, ExtractionError

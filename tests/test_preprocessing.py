@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.preprocessing import ImageDecodeError, Preprocessing, load_image, preprocess_batch
+from models.decoding import ImageDecodeError, load_image
+
+from models.preprocessing import Preprocessing, preprocess_batch
 
 
 def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

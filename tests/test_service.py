@@ -22,7 +22,7 @@ from PIL import Image
 
 from benchmarks.soak_load import SERVER_ENV, server_client
 from models.predictor import Predictor, l2_normalize
-from models.preprocessing import load_image
+from models.decoding import load_image
 from service.launch import ServerStartError
 from test_service_units import zero_width_png
 

@@ -30,7 +30,14 @@ from service.loading import artifact_dir, warm_up
 from service.model_store import store_tag, tag_part
 from service.schemas import ClassifyOptions, ClassifyResponse, EmbedResponse, ModelRef
 from service.settings import ServiceSettings
-from service.uploads import UploadLimits, decode_images, parse_json, read_image_request
+from service.uploads import (
+    UploadLimits,
+    decode_images,
+    form_field_values,
+    parse_json,
+    read_image_request,
+    validate_options,
+)
 
 LIMITS = UploadLimits(max_images=3, max_pixels=10_000, max_body_bytes=200_000)
 
@@ -125,6 +132,34 @@ def test_malformed_json_requests_name_the_problem(body, problem):
         parse_json(body)
 
 
+def test_deeply_nested_json_is_a_client_error():
+    with pytest.raises(RequestError, match="nested too deeply"):
+        parse_json(b"[" * 100_000 + b"]" * 100_000)
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [({"top_k": True}, "top_k"), ({"top_k": "3"}, "top_k"), ({"top_k": 2.0}, "top_k")],
+)
+def test_json_options_are_not_coerced(fields, problem):
+    with pytest.raises(RequestError, match=problem):
+        validate_options(ClassifyOptions, fields)
+
+
+def test_json_boolean_options_must_be_booleans():
+    from service.schemas import EmbedOptions
+
+    with pytest.raises(RequestError, match="normalize"):
+        validate_options(EmbedOptions, {"normalize": "yes"})
+    assert validate_options(EmbedOptions, {"normalize": True}).normalize is True
+
+
+def test_form_fields_read_numbers_and_booleans_only():
+    assert form_field_values({"top_k": "3", "normalize": "True", "x": "yes", "y": "2.5"}) == {
+        "top_k": 3, "normalize": True, "x": "yes", "y": 2.5,
+    }
+
+
 def test_urls_are_kept_as_urls_not_fetched():
     sources, _ = parse_json(b'{"images": ["https://example.com/cat.png"]}')
     assert sources[0].url == "https://example.com/cat.png" and sources[0].data is None
@@ -170,6 +205,7 @@ def test_multipart_request_parsed_into_images_and_options():
     [
         (dict(data={"top_k": "2"}), 400, "missing field 'images'"),
         (dict(files=[("images", ("a.png", PNG, "image/png"))], data={"top_k": "zero"}), 400, "top_k"),
+        (dict(files=[("images", ("a.png", PNG, "image/png"))], data={"top_k": "true"}), 400, "top_k"),
         (dict(files=[("images", ("a.png", PNG, "image/png"))], data={"topk": "1"}), 400, "unknown field 'topk'"),
         (dict(files=[("picture", ("a.png", PNG, "image/png"))]), 400, "'picture' must be a text field"),
         (dict(data={"images": "http://169.254.169.254/latest"}), 400, "does not fetch image URLs"),

@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
 from models.image_files import IMAGE_SUFFIXES, list_image_files
-from models.preprocessing import ImageDecodeError, load_image
+from models.decoding import ImageDecodeError, load_image
 
 SPLIT_NAMES = ("train", "val", "test")
 SplitName = Literal["train", "val", "test"]

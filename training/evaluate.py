@@ -98,7 +98,7 @@ def evaluate_artifact(
     predictor: "Predictor", records: Sequence["ImageRecord"], batch_size: int = 32
 ) -> tuple[EvaluationReport, list["SkippedImage"]]:
     """Run an exported model over labelled records exactly as the service would, and score it."""
-    from models.preprocessing import ImageDecodeError, load_image
+    from models.decoding import ImageDecodeError, load_image
     from training.data import DataError, SkippedImage
 
     unknown = sorted({r.label for r in records} - set(predictor.labels))
