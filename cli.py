@@ -129,7 +129,9 @@ def _report_training(result) -> None:
     )
     typer.echo(f"run directory: {result.run_dir}")
     if result.artifact:
-        typer.echo(f"artifact: {result.artifact}")
+        from models.artifact import manifest_digest
+
+        typer.echo(f"artifact: {result.artifact}  (digest {manifest_digest(result.artifact)})")
 
 
 @app.command()
@@ -195,7 +197,10 @@ def export(
     """Export a run's best weights as an artifact (TorchScript + ONNX + manifest), checking parity."""
     from training.export import export_run
 
-    typer.echo(f"artifact: {export_run(run_dir, output)}")
+    from models.artifact import manifest_digest
+
+    artifact = export_run(run_dir, output)
+    typer.echo(f"artifact: {artifact}\ndigest: {manifest_digest(artifact)}")
 
 
 @app.command()
@@ -238,6 +243,9 @@ def serve(
     precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16 (torchscript only)."),
     max_batch_size: Optional[int] = typer.Option(None, help="Most images per forward pass (default 32)."),
     max_latency_ms: Optional[int] = typer.Option(None, help="Longest wait for a batch before a 503 (default 10000)."),
+    expect_digest: Optional[str] = typer.Option(
+        None, help="Refuse to serve unless the artifact's digest is this 'sha256:…' (printed at export, in /metadata)."
+    ),
 ) -> None:
     """Serve a local artifact over HTTP: /classify, /embed, /metadata, /livez, /readyz, /metrics, docs at /.
 
@@ -248,13 +256,13 @@ def serve(
     from service.launch import server_command, server_env
     from service.settings import ServiceSettings
 
-    options = dict(runtime=runtime, device=device, precision=precision,
-                   max_batch_size=max_batch_size, max_latency_ms=max_latency_ms)  # fmt: skip
+    options = dict(runtime=runtime, device=device, precision=precision, max_batch_size=max_batch_size,
+                   max_latency_ms=max_latency_ms, expect_digest=expect_digest)  # fmt: skip
     from_env = ServiceSettings.from_env().model_dump(exclude_defaults=True, exclude={"model"})
     settings = ServiceSettings.model_validate(
         from_env | {"artifact": artifact.resolve()} | {k: v for k, v in options.items() if v is not None}
     )
-    load_artifact(settings.artifact)  # refuse a missing or modified artifact here, not in the server
+    load_artifact(settings.artifact, settings.expect_digest)  # refuse a missing, modified or unexpected artifact here
     command = server_command(host, port)
     os.execve(command[0], command, server_env(settings, os.environ))
 

@@ -87,10 +87,14 @@ def raw_reference(artifact: Path, payloads: list[bytes], device: str, batch_size
 
     predictor = Predictor.from_artifact(artifact, InferenceOptions(device=device))
     chosen = [payloads[i % len(payloads)] for i in range(batch_size)]
-    batch = predictor.preprocess([load_image(p) for p in chosen])
+
+    def decoded() -> list:
+        return [load_image(p, preprocessing=predictor.manifest.preprocessing) for p in chosen]
+
+    batch = predictor.preprocess(decoded())
     raw = timed(lambda: predictor.predict_batch(batch), 3, min_seconds)
-    decode = timed(lambda: predictor.preprocess([load_image(p) for p in chosen]), 3, min_seconds)
-    e2e = timed(lambda: predictor.predict([load_image(p) for p in chosen]), 3, min_seconds)
+    decode = timed(lambda: predictor.preprocess(decoded()), 3, min_seconds)
+    e2e = timed(lambda: predictor.predict(decoded()), 3, min_seconds)
     name = predictor.runtime.describe()["runtime"]
     return [
         [f"raw {name}", batch_size, f"{batch_size / np.mean(raw):.1f}", f"{np.median(raw) * 1e3:.0f}"],

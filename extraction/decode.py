@@ -33,7 +33,7 @@ class ImageDecoder:
         positions: list[int] = []
         for position, path in enumerate(paths):
             try:
-                images.append(load_image(path, self.max_pixels))
+                images.append(load_image(path, self.max_pixels, preprocessing=self.preprocessing))
                 positions.append(position)
             except ImageDecodeError as exc:
                 errors[position] = str(exc)

@@ -18,12 +18,14 @@ artifacts) decodes every pixel, as those models were trained.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import stat
 import struct
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -118,26 +120,51 @@ def load_image(
     and transparency is composited onto white. Multi-frame images use their first frame.
     """
     data = source if isinstance(source, bytes) else read_image_file(source, max_file_bytes)
+    limit = FULL_STORAGE_BYTES_PER_PIXEL * max_pixels if max_decoded_bytes is None else max_decoded_bytes
+    min_side = _reduced_side(preprocessing)
+    with _decode_errors(data), _opened(data, max_pixels, min_side) as image:
+        cost = decoded_bytes(image.mode, image.size)
+        if cost > limit:
+            raise ImageDecodeError(
+                f"image would take {cost} bytes decoded ({image.width}x{image.height} {image.mode}), "
+                f"over the limit of {limit}"
+            )
+        image.seek(0)
+        image.load()
+        decoded = _box_reduce(image, min_side) if min_side is not None else image
+        return _to_rgb(ImageOps.exif_transpose(decoded))
+
+
+def decode_cost(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, preprocessing: Preprocessing | None = None) -> int:
+    """Bytes `load_image` will allocate to decode `data` (after any JPEG draft reduction), read from the header
+    alone; raises ImageDecodeError for what `load_image` would refuse from the header."""
+    with _decode_errors(data), _opened(data, max_pixels, _reduced_side(preprocessing)) as image:
+        return decoded_bytes(image.mode, image.size)
+
+
+def _reduced_side(preprocessing: Preprocessing | None) -> int | None:
+    if preprocessing is None or preprocessing.decode != "reduced":
+        return None
+    return reduced_min_side(preprocessing)
+
+
+@contextlib.contextmanager
+def _opened(data: bytes, max_pixels: int, min_side: int | None) -> Iterator[Image.Image]:
+    """The image with its header checked and, for a reduced JPEG decode, libjpeg's DCT scaling configured."""
     if not data:
         raise ImageDecodeError("empty file: zero bytes received")
-    if max_decoded_bytes is None:
-        max_decoded_bytes = FULL_STORAGE_BYTES_PER_PIXEL * max_pixels
-    min_side = reduced_min_side(preprocessing) if preprocessing is not None and preprocessing.decode == "reduced" else None
+    with Image.open(io.BytesIO(data)) as image:
+        _check_header(image, max_pixels)
+        if min_side is not None and image.format in ("JPEG", "MPO"):
+            image.draft(image.mode if image.mode in ("RGB", "L", "CMYK") else "RGB", (min_side, min_side))
+        yield image
+
+
+@contextlib.contextmanager
+def _decode_errors(data: bytes) -> Iterator[None]:
+    """Every way Pillow fails on bad data, as one ImageDecodeError naming the reason."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            _check_header(image, max_pixels)
-            if min_side is not None and image.format in ("JPEG", "MPO"):
-                image.draft(image.mode if image.mode in ("RGB", "L", "CMYK") else "RGB", (min_side, min_side))
-            cost = decoded_bytes(image.mode, image.size)
-            if cost > max_decoded_bytes:
-                raise ImageDecodeError(
-                    f"image would take {cost} bytes decoded ({image.width}x{image.height} {image.mode}), "
-                    f"over the limit of {max_decoded_bytes}"
-                )
-            image.seek(0)
-            image.load()
-            decoded = _box_reduce(image, min_side) if min_side is not None else image
-            return _to_rgb(ImageOps.exif_transpose(decoded))
+        yield
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:

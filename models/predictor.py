@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from models.artifact import Manifest, load_artifact
+from models.artifact import ArtifactError, Manifest, load_artifact
 from models.preprocessing import preprocess_batch
 from models.inference import InferenceOptions, cap_top_k, resolve_inference
 from models.runtimes import Runtime, load_runtime
@@ -41,9 +41,10 @@ class TopK:
 class Predictor:
     """One loaded artifact ready for inference: `predict(images)` runs one forward pass for the batch."""
 
-    def __init__(self, manifest: Manifest, runtime: Runtime) -> None:
+    def __init__(self, manifest: Manifest, runtime: Runtime, digest: str | None = None) -> None:
         self.manifest = manifest
         self.runtime = runtime
+        self.digest = digest
 
     @classmethod
     def from_artifact(
@@ -51,10 +52,30 @@ class Predictor:
         path: str | Path,
         options: InferenceOptions = InferenceOptions(),
         cuda_available: bool | None = None,
+        expected_digest: str | None = None,
     ) -> "Predictor":
-        """Load (and verify) an artifact on the runtime, device and precision `options` resolve to."""
-        artifact = load_artifact(path)
-        return cls(artifact.manifest, load_runtime(artifact, resolve_inference(options, cuda_available)))
+        """Load (and verify) an artifact on the runtime, device and precision `options` resolve to; refuse it when
+        its digest is not `expected_digest` (if given) or its manifest does not describe its network."""
+        artifact = load_artifact(path, expected_digest)
+        predictor = cls(artifact.manifest, load_runtime(artifact, resolve_inference(options, cuda_available)), artifact.digest)
+        predictor.check_manifest_matches_network()
+        return predictor
+
+    def check_manifest_matches_network(self) -> None:
+        """One forward pass on a blank image: the network must answer one logit per manifest label and an
+        embedding of the manifest's size (an edited manifest would otherwise serve wrong or failing answers)."""
+        size = self.manifest.preprocessing.image_size
+        logits, embeddings = self.runtime(np.zeros((1, 3, size, size), dtype=np.float32))
+        if logits.shape != (1, self.manifest.num_classes):
+            raise ArtifactError(
+                f"the manifest lists {self.manifest.num_classes} labels but the network answers {logits.shape[-1]} "
+                "logits; the artifact is inconsistent and is refused"
+            )
+        if embeddings.shape != (1, self.manifest.embedding_dim):
+            raise ArtifactError(
+                f"the manifest says embedding size {self.manifest.embedding_dim} but the network answers "
+                f"{embeddings.shape[-1]}; the artifact is inconsistent and is refused"
+            )
 
     @property
     def labels(self) -> list[str]:

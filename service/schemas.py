@@ -129,6 +129,7 @@ class EmbedResponse(BaseModel):
 class RequestLimits(BaseModel):
     max_images_per_request: int
     max_pixels: int
+    max_request_decode_bytes: int
     max_body_bytes: int
     max_batch_size: int
     max_latency_ms: int
@@ -139,6 +140,7 @@ class ModelMetadata(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     model: ModelRef
+    digest: str | None = Field(description="The artifact's identity: sha256 of its manifest (pin it with TRANSFER_SERVE_EXPECT_DIGEST).")
     backbone: str
     labels: list[str]
     num_classes: int
@@ -153,6 +155,7 @@ class ModelMetadata(BaseModel):
         manifest = predictor.manifest
         return cls(
             model=ModelRef.of(manifest),
+            digest=predictor.digest,
             backbone=manifest.backbone,
             labels=manifest.labels,
             num_classes=manifest.num_classes,

@@ -14,14 +14,18 @@ import threading
 import bentoml
 from bentoml.models import BentoModel
 
+from models.artifact import ArtifactError
 from models.predictor import l2_normalize
 from service.bento_io import ClassifyInput, ClassifyItem, ClassifyOutput, EmbedInput, EmbedItem, EmbedOutput
 from service.bentoml_compat import JSONErrorBody, install_in_worker
-from service.loading import load_predictor, warm_up
+from service.loading import load_predictor, served_preprocessing, warm_up
 from service.schemas import ClassifyResponse, EmbedResponse, ModelMetadata, ModelRef
 from service.settings import ServiceSettings
+from service.unknown_paths import AnswerUnknownPaths
 
 settings = ServiceSettings.from_env()
+# one set of limits (and one gate on concurrent decodes) for both APIs; images decode with the model's decode path
+limits = settings.upload_limits(served_preprocessing(settings))
 # max_batch_size 1 turns adaptive batching off (BentoML refuses a batchable API with a max batch of 1): each
 # request then runs its own images in one forward pass, as soon as it arrives
 BATCHING = (
@@ -39,6 +43,11 @@ class TransferServe:
 
     def __init__(self) -> None:
         self.predictor = load_predictor(settings, self.stored_model)
+        if self.predictor.manifest.preprocessing != limits.preprocessing:
+            raise ArtifactError(
+                "the artifact changed while the server started: its preprocessing is not the one requests are "
+                "decoded with; restart the server"
+            )
         self.model = ModelRef.of(self.predictor.manifest)
         self.ready = warm_up(self.predictor, settings.warmup_batches, settings.max_batch_size)
         self.shutting_down = threading.Event()
@@ -51,7 +60,7 @@ class TransferServe:
     def __is_ready__(self) -> bool:
         return self.ready and not self.shutting_down.is_set()
 
-    @bentoml.api(input_spec=ClassifyInput.with_limits(settings.upload_limits()), output_spec=ClassifyOutput, **BATCHING)
+    @bentoml.api(input_spec=ClassifyInput.with_limits(limits), output_spec=ClassifyOutput, **BATCHING)
     def classify(self, images: list[ClassifyItem]) -> list[ClassifyResponse]:
         """Top-k labels per image: files under `images` (multipart), or JSON `{"images": [base64], "top_k": 3}`."""
         probabilities = self.predictor.predict([item.image for item in images]).probabilities
@@ -60,7 +69,7 @@ class TransferServe:
             for row, item in zip(probabilities, images)
         ]
 
-    @bentoml.api(input_spec=EmbedInput.with_limits(settings.upload_limits()), output_spec=EmbedOutput, **BATCHING)
+    @bentoml.api(input_spec=EmbedInput.with_limits(limits), output_spec=EmbedOutput, **BATCHING)
     def embed(self, images: list[EmbedItem]) -> list[EmbedResponse]:
         """Embedding per image: files under `images` (multipart), or JSON `{"images": [base64], "normalize": true}`."""
         embeddings = self.predictor.predict([item.image for item in images]).embeddings
@@ -76,3 +85,4 @@ class TransferServe:
 
 
 TransferServe.add_asgi_middleware(JSONErrorBody)
+TransferServe.add_asgi_middleware(AnswerUnknownPaths)

@@ -8,6 +8,7 @@ place an operator can configure all of them the same way: `TRANSFER_SERVE_MAX_BA
 from __future__ import annotations
 
 import logging
+import threading
 import os
 from pathlib import Path
 from typing import Mapping, Optional
@@ -15,6 +16,7 @@ from typing import Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.decoding import DEFAULT_MAX_PIXELS
+from models.preprocessing import Preprocessing
 from models.inference import InferenceFields
 from service.schemas import RequestLimits
 from service.uploads import UploadLimits
@@ -33,12 +35,27 @@ class ServiceSettings(InferenceFields):
     model: Optional[str] = Field(
         None, description="BentoML model-store tag to serve, e.g. 'digits:latest' (TRANSFER_SERVE_MODEL)."
     )
+    expect_digest: Optional[str] = Field(
+        None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="Serve only the artifact with this digest ('sha256:…', printed at export, shown by /metadata); "
+        "any other, or an edited one, is refused at start.",
+    )
     max_batch_size: int = Field(
         32, ge=1, description="Most images in one forward pass (adaptive batching); 1 turns batching off."
     )
     max_latency_ms: int = Field(10_000, gt=0, description="Longest a request may wait for its batch (then 503).")
     max_images_per_request: int = Field(32, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Per image, checked before decoding.")
+    max_request_decode_bytes: int = Field(
+        1024 * 1024 * 1024,
+        gt=0,
+        description="Per request: the bytes its images take decoded (by mode, after reduced JPEG decoding), summed "
+        "and checked from the headers before decoding (then 413).",
+    )
+    max_concurrent_decodes: int = Field(
+        2, ge=1, description="Images decoded at the same time in one server process (bounds decoding memory)."
+    )
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
     allow_url_fetch: bool = Field(False, description="Let clients name http(s) image URLs for the server to fetch.")
     url_fetch_timeout_s: float = Field(10.0, gt=0)
@@ -74,10 +91,15 @@ class ServiceSettings(InferenceFields):
             if value is not None
         }
 
-    def upload_limits(self) -> UploadLimits:
+    def upload_limits(self, preprocessing: Preprocessing | None = None) -> UploadLimits:
+        """The limits every request is parsed under, with one gate on concurrent decodes: call once per process
+        and share the result between the APIs. `preprocessing` is the served model's (its decode path)."""
         return UploadLimits(
             max_images=self.max_images_per_request,
             max_pixels=self.max_pixels,
+            max_request_decode_bytes=self.max_request_decode_bytes,
+            decode_slots=threading.BoundedSemaphore(self.max_concurrent_decodes),
+            preprocessing=preprocessing,
             max_body_bytes=self.max_body_bytes,
             allow_url_fetch=self.allow_url_fetch,
             url_fetch_timeout_s=self.url_fetch_timeout_s,

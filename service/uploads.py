@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Generic, Sequence, TypeVar
 
 import anyio.to_thread
@@ -22,7 +23,8 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from models.decoding import ImageDecodeError, load_image
+from models.decoding import ImageDecodeError, decode_cost, load_image
+from models.preprocessing import Preprocessing
 from service.errors import (
     PayloadTooLarge,
     RequestError,
@@ -40,11 +42,17 @@ Options = TypeVar("Options", bound=BaseModel)
 
 @dataclass(frozen=True)
 class UploadLimits:
+    """What one request may contain and cost. `decode_slots` is shared by every request of a process: at most
+    that many images are decoded at once, whatever the number of concurrent requests."""
+
     max_images: int
     max_pixels: int
     max_body_bytes: int
     allow_url_fetch: bool = False
     url_fetch_timeout_s: float = 10.0
+    max_request_decode_bytes: int = 1024 * 1024 * 1024
+    decode_slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
+    preprocessing: Preprocessing | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ async def read_image_request(
     options = validate_options(options_model, fields)
     check_image_count(len(sources), limits.max_images)
     blobs = [await resolve_source(source, limits) for source in sources]
-    images = await anyio.to_thread.run_sync(decode_images, blobs, limits.max_pixels)
+    images = await anyio.to_thread.run_sync(decode_images, blobs, limits)
     return ImageRequest(images=images, options=options)
 
 
@@ -241,12 +249,27 @@ async def fetch_url(name: str, url: str, limits: UploadLimits) -> bytes:
         raise UnprocessableImage(f"{name}: could not fetch {url}: {exc}") from None
 
 
-def decode_images(blobs: Sequence[tuple[str, bytes]], max_pixels: int) -> list[Image.Image]:
-    """Decode every upload fully (so a truncated file fails here, not in the batch), naming the bad one."""
+def decode_images(blobs: Sequence[tuple[str, bytes]], limits: UploadLimits) -> list[Image.Image]:
+    """Decode a request's images one at a time, each straight to the size the model needs (the served model's
+    decode path) and only while holding one of the process's decode slots, after checking from the headers
+    that their decoded size fits the request's budget. Every upload is decoded fully, so a truncated file
+    fails here, not in the batch; the error names the bad one."""
+    total = 0
+    for name, data in blobs:
+        try:
+            total += decode_cost(data, limits.max_pixels, preprocessing=limits.preprocessing)
+        except ImageDecodeError as exc:
+            raise UnprocessableImage(f"{name}: {exc}") from None
+    if total > limits.max_request_decode_bytes:
+        raise PayloadTooLarge(
+            f"the request's images would take {total} bytes decoded, over the per-request limit of "
+            f"{limits.max_request_decode_bytes} (max_request_decode_bytes); send fewer or smaller images"
+        )
     images = []
     for name, data in blobs:
         try:
-            images.append(load_image(data, max_pixels=max_pixels))
+            with limits.decode_slots:
+                images.append(load_image(data, max_pixels=limits.max_pixels, preprocessing=limits.preprocessing))
         except ImageDecodeError as exc:
             raise UnprocessableImage(f"{name}: {exc}") from None
     return images

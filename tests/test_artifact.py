@@ -130,3 +130,16 @@ def test_digest_is_the_artifacts_identity_and_can_be_pinned(artifact_dir, tmp_pa
     assert load_artifact(edited).digest != original.digest  # every file still matches its hash
     with pytest.raises(ArtifactError, match="digest"):
         load_artifact(edited, expected_digest=original.digest)
+
+
+@pytest.mark.parametrize("edit", ["drop a label", "embedding size"])
+def test_a_manifest_that_disagrees_with_its_network_is_refused(artifact_dir, tmp_path, edit):
+    edited = _copy(artifact_dir, tmp_path)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    if edit == "drop a label":
+        manifest["labels"].pop()
+    else:
+        manifest["embedding_dim"] += 1
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="inconsistent"):
+        Predictor.from_artifact(edited)

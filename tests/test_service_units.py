@@ -178,8 +178,33 @@ def test_urls_are_kept_as_urls_not_fetched():
 )
 def test_undecodable_images_are_named(blob, problem):
     with pytest.raises(UnprocessableImage, match=problem) as raised:
-        decode_images([("images[1] ('x.png')", PNG), ("images[2] ('bad')", blob)], max_pixels=10_000)
+        decode_images([("images[1] ('x.png')", PNG), ("images[2] ('bad')", blob)], LIMITS)
     assert str(raised.value).startswith("images[2] ('bad'): ")
+
+
+def test_a_request_over_its_decode_budget_is_refused_before_decoding():
+    limits = UploadLimits(max_images=3, max_pixels=10_000, max_body_bytes=200_000, max_request_decode_bytes=3 * 4 * 90 * 90)
+    image = encode(Image.new("RGB", (90, 90)))
+    assert len(decode_images([("a", image)] * 3, limits)) == 3  # RGB is held as 4 bytes a pixel
+    with pytest.raises(PayloadTooLarge, match="max_request_decode_bytes"):
+        decode_images([("a", image)] * 3 + [("b", encode(Image.new("L", (10, 10))))], limits)
+
+
+def test_decodes_wait_for_a_slot_of_the_process(monkeypatch):
+    import service.uploads as uploads
+
+    limits = UploadLimits(max_images=3, max_pixels=10_000, max_body_bytes=200_000, decode_slots=threading.BoundedSemaphore(1))
+    held, seen = [], []
+    real = uploads.load_image
+
+    def spy(*args, **kwargs):
+        held.append(limits.decode_slots._value)  # slots free while this decode runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(uploads, "load_image", spy)
+    decode_images([("a", PNG), ("b", PNG)], limits)
+    assert held == [0, 0]
+    assert limits.decode_slots.acquire(blocking=False)  # released afterwards
 
 
 def _parsing_app(options_model) -> TestClient:

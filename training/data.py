@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from models.image_files import IMAGE_SUFFIXES, list_image_files
 from models.decoding import ImageDecodeError, load_image
+from models.preprocessing import Preprocessing
 
 SPLIT_NAMES = ("train", "val", "test")
 SplitName = Literal["train", "val", "test"]
@@ -107,18 +108,21 @@ def discover_images(source: str | Path) -> list[ImageRecord]:
     return records
 
 
-def _check_readable(record: ImageRecord) -> str | None:
+def _unreadable_reason(record: ImageRecord, preprocessing: Preprocessing | None) -> str | None:
     try:
-        load_image(record.path)
+        load_image(record.path, preprocessing=preprocessing)
     except ImageDecodeError as exc:
         return str(exc)
     return None
 
 
-def scan_readable(records: Sequence[ImageRecord], workers: int = 4) -> tuple[list[ImageRecord], list[SkippedImage]]:
-    """Decode every image once; unreadable ones are returned with their reason instead of failing later."""
+def scan_readable(
+    records: Sequence[ImageRecord], workers: int = 4, preprocessing: Preprocessing | None = None
+) -> tuple[list[ImageRecord], list[SkippedImage]]:
+    """Decode every image once (as training will: `preprocessing` chooses the decode path); unreadable ones are
+    returned with their reason instead of failing later."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(_check_readable, records))
+        reasons = list(pool.map(lambda record: _unreadable_reason(record, preprocessing), records))
     good = [r for r, reason in zip(records, reasons) if reason is None]
     skipped = [SkippedImage(path=r.path, reason=reason) for r, reason in zip(records, reasons) if reason is not None]
     return good, skipped
@@ -149,19 +153,23 @@ def split_records(
 
 
 class ImageDataset(Dataset):
-    """Decodes one image per item in the DataLoader's worker processes."""
+    """Decodes one image per item in the DataLoader's worker processes, through the one decoding function with
+    the run's preprocessing (so training meets the pixels the exported model will meet in serving)."""
 
-    def __init__(self, records: Sequence[ImageRecord], labels: Sequence[str], transform: Callable) -> None:
+    def __init__(
+        self, records: Sequence[ImageRecord], labels: Sequence[str], transform: Callable, preprocessing: Preprocessing
+    ) -> None:
         self.records = list(records)
         self.index = {label: i for i, label in enumerate(labels)}
         self.transform = transform
+        self.preprocessing = preprocessing
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         record = self.records[i]
-        return self.transform(load_image(record.path)), self.index[record.label]
+        return self.transform(load_image(record.path, preprocessing=self.preprocessing)), self.index[record.label]
 
     def targets(self) -> list[int]:
         return [self.index[r.label] for r in self.records]

@@ -110,7 +110,7 @@ def evaluate_artifact(
         images = []
         for record in records[start : start + batch_size]:
             try:
-                images.append(load_image(record.path))
+                images.append(load_image(record.path, preprocessing=predictor.manifest.preprocessing))
                 targets.append(index[record.label])
             except ImageDecodeError as exc:
                 skipped.append(SkippedImage(path=record.path, reason=str(exc)))

@@ -178,7 +178,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     model = build_network(config.backbone, len(checkpoint.labels), weights="none", dropout=config.dropout)
     model.load_state_dict(run.load_final_weights())
     test_records = run.load_splits().test[:PARITY_IMAGES]
-    test_set = ImageDataset(test_records, checkpoint.labels, eval_transform(preprocessing))
+    test_set = ImageDataset(test_records, checkpoint.labels, eval_transform(preprocessing), preprocessing)
     test = run.load_test_report()
     output = Path(output) if output else run.artifact
     export_artifact(

@@ -101,7 +101,7 @@ def prepare_splits(config: TrainConfig, run: RunDir) -> tuple[Splits, list[Skipp
     if config.resume and run.splits.exists():
         return run.load_splits(), run.load_skipped()
     records = discover_images(config.data)
-    good, skipped = scan_readable(records, workers=max(2, config.workers))
+    good, skipped = scan_readable(records, workers=max(2, config.workers), preprocessing=config.preprocessing())
     for item in skipped:
         tqdm.write(f"skipped unreadable image {item.path}: {item.reason}")
     if not good:
@@ -183,9 +183,9 @@ def build_model_and_optimizer(config: TrainConfig, splits: Splits, device: torch
     weights = "none" if config.resume else config.weights
     model = build_network(config.backbone, len(labels), weights=weights, dropout=config.dropout)
     model = model.to(device).to(memory_format=torch.channels_last)
-    train_set = ImageDataset(splits.train, labels, train_transform(preprocessing, config.horizontal_flip))
-    val_set = ImageDataset(splits.val, labels, eval_transform(preprocessing))
-    test_set = ImageDataset(splits.test, labels, eval_transform(preprocessing))
+    train_set = ImageDataset(splits.train, labels, train_transform(preprocessing, config.horizontal_flip), preprocessing)
+    val_set = ImageDataset(splits.val, labels, eval_transform(preprocessing), preprocessing)
+    test_set = ImageDataset(splits.test, labels, eval_transform(preprocessing), preprocessing)
     steps_per_epoch = len(_loader(train_set, config, shuffle=True, seed=0))
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch)
     loss_weights = class_weights(splits.train, labels).to(device) if config.class_weights else None
