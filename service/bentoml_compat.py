@@ -122,10 +122,17 @@ def _missing_http_internals() -> list[str]:
 
     missing = []
     metrics = getattr(instruments, "RunnerTrafficMetricsMiddleware", None)
+    if inspect.isclass(metrics):  # BentoML's own class, when RouteLabelledMetrics is installed
+        metrics = next(c for c in metrics.__mro__ if not getattr(c, "route_labelled", False))
     if not inspect.isclass(metrics) or _parameters(metrics.__call__) != ("self", "scope", "receive", "send"):
         missing.append("bentoml instruments.RunnerTrafficMetricsMiddleware class with __call__(scope, receive, send)")
     elif "app" not in inspect.signature(metrics.__init__).parameters:
         missing.append("bentoml RunnerTrafficMetricsMiddleware(app, ...)")
+    else:
+        setup = inspect.getsource(metrics._setup)
+        for name in METRICS_SETUP_ATTRIBUTES:
+            if f"self.{name} = " not in setup:
+                missing.append(f"bentoml RunnerTrafficMetricsMiddleware._setup setting {name}")
     if "from bentoml._internal.server.http.instruments import" not in inspect.getsource(bentoml_app):
         missing.append("bentoml ServiceAppFactory importing RunnerTrafficMetricsMiddleware when it builds the app")
     if not hasattr(auto, "AutoHTTPProtocol") or uvicorn.config.HTTP_PROTOCOLS.get("auto") != (
@@ -343,6 +350,14 @@ BENTOML_HTTP_APP_LOGGER = "bentoml._internal.server.http_app"
 GUARDED_H11_METHODS = ("connection_made", "data_received", "on_response_complete", "send_400_response", "connection_lost")
 """The uvicorn `H11Protocol` methods `GuardedH11Protocol` overrides."""
 
+METRICS_SETUP_ATTRIBUTES = (
+    "metrics_request_total",
+    "metrics_request_duration",
+    "metrics_request_in_progress",
+    "metrics_last_request_timestamp",
+)
+"""The metrics BentoML's middleware creates in `_setup`, whose `<unmatched>` series `RouteLabelledMetrics` creates."""
+
 LINGER_S = 2.0
 """After answering a parser error: how long to keep reading (and discarding) before closing, so that the client
 reads the answer instead of a reset."""
@@ -376,6 +391,23 @@ def _route_labelled_metrics() -> type:
 
         def __init__(self, app: ASGIApp, *args: Any, **kwargs: Any) -> None:
             super().__init__(_OriginalScope(app), *args, **kwargs)
+
+        def _setup(self, *args: Any, **kwargs: Any) -> None:
+            """BentoML's setup (on the first request), then the series of unmatched requests, created empty
+            as BentoML creates those of its routes: an unknown path adds no series to /metrics, not even once."""
+            super()._setup(*args, **kwargs)
+            from bentoml._internal.context import server_context
+
+            constant = dict(
+                service_name=server_context.bento_name,
+                service_version=server_context.bento_version,
+                runner_name=server_context.service_name,
+            )
+            unmatched = dict(endpoint=UNMATCHED_ROUTE_LABEL, **constant)
+            self.metrics_request_total.labels(http_response_code=404, **unmatched)
+            self.metrics_request_duration.labels(http_response_code=404, **unmatched)
+            self.metrics_request_in_progress.labels(**unmatched)
+            self.metrics_last_request_timestamp.labels(**constant)
 
         async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] in ("http", "websocket"):

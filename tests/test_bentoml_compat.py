@@ -202,6 +202,9 @@ def test_bentoml_metrics_middleware_is_a_class_bentoml_imports_when_it_builds_an
     builds = inspect.getsource(ServiceAppFactory.middlewares.fget)
     assert "from bentoml._internal.server.http.instruments import" in builds, "imported lazily, when the app is built"
     assert 'endpoint = scope["path"]' in inspect.getsource(original.__call__), "BentoML labels by the raw path"
+    setup = inspect.getsource(original._setup)
+    for name in bentoml_compat.METRICS_SETUP_ATTRIBUTES:  # RouteLabelledMetrics creates their <unmatched> series
+        assert f"self.{name} = " in setup, name
 
 
 def test_metrics_are_labelled_by_route_or_unmatched():
