@@ -11,6 +11,7 @@ import bentoml
 from bentoml.models import BentoModel
 
 from models.predictor import l2_normalize
+from service.batching import bound_batch_wait
 from service.bento_io import ClassifyInput, ClassifyItem, ClassifyOutput, EmbedInput, EmbedItem, EmbedOutput
 from service.errors import JSONErrorBody
 from service.loading import load_predictor, warm_up
@@ -27,6 +28,7 @@ BATCHING = (
     if settings.max_batch_size > 1
     else dict(batchable=False)
 )
+bound_batch_wait(settings.max_batch_wait_ms / 1000)  # else a burst's queueing is held as a wait afterwards
 
 
 @bentoml.service(name="transfer-serve", envs=settings.bento_envs(), traffic={"timeout": 60})
