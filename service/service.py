@@ -7,11 +7,14 @@ parsed, checked and decoded on its own first (service/bento_io.py), so a bad upl
 
 from __future__ import annotations
 
+import os
+
 import bentoml
 from bentoml.models import BentoModel
 
 from models.predictor import l2_normalize
 from service.batching import bound_batch_wait
+from service.bento_env import baked_envs
 from service.bento_io import ClassifyInput, ClassifyItem, ClassifyOutput, EmbedInput, EmbedItem, EmbedOutput
 from service.errors import JSONErrorBody
 from service.loading import load_predictor, warm_up
@@ -19,7 +22,7 @@ from service.schemas import ClassifyResponse, EmbedResponse, ModelMetadata, Mode
 from service.settings import ServiceSettings
 from service.shutdown import refuse_new_connections_on_shutdown, shutting_down
 
-settings = ServiceSettings.from_env()
+settings = ServiceSettings.from_env(baked_envs(__file__) | dict(os.environ))  # `bentoml serve <bento tag>` too
 refuse_new_connections_on_shutdown()  # SIGTERM: readiness false, new connections refused, in-flight finish
 # max_batch_size 1 turns adaptive batching off (BentoML refuses a batchable API with a max batch of 1): each
 # request then runs its own images in one forward pass, as soon as it arrives
