@@ -10,7 +10,7 @@ import pytest
 
 from service.batching import bound_batch_wait
 
-BURST_SLACK_S = 0.005
+BURST_SLACK_S = 0.010
 
 
 def test_the_learned_wait_is_capped_at_the_bound():
@@ -49,23 +49,36 @@ def full_size_artifact(serving_benchmark, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.mark.slow
 def test_latency_after_a_burst_is_what_it_was_before(serving_benchmark, full_size_artifact: Path, tmp_path: Path):
-    """quiet (1 client) -> burst (16 clients, 8 s) -> quiet on one real server: the second quiet phase's p50
-    is within 1.5x of the first, plus 5 ms for a shared 2-core machine's noise at p50s of a few ms (BentoML's
-    learned wait after such a burst adds tens of ms: docs/BENCHMARKS.md). BURST_TEST_WAIT_MS=1000000 serves
-    without the bound (BentoML's own behaviour) and the test fails: p50 31 -> 108 ms when it was written."""
+    """quiet (1 client, 6 s) -> burst (16 clients, 8 s) -> quiet (6 s) on one real server: the second quiet
+    phase's p50 is within 1.5x of the first, plus BURST_SLACK_S.
+
+    Noise on the shared 2-core machine: with the bound, consecutive quiet phases' p50s were 17 -> 34, 36 -> 26
+    and 40 -> 44 ms while other engineers' jobs ran (load average 5-10); without it the burst's learned wait
+    held every request after it: 24 -> 83, 33 -> 81 and 31 -> 108 ms (docs/BENCHMARKS.md). So 10 ms of slack,
+    and one more try on a fresh server (a fresh server has learned nothing) when a neighbour's load spike
+    still fails the first: the bug fails every try, since it holds every request after the burst.
+    BURST_TEST_WAIT_MS=1000000 serves without the bound (BentoML's own behaviour): the test then fails."""
     from test_service import running_server
 
     serving = serving_benchmark
     extra = {"TRANSFER_SERVE_MAX_BATCH_WAIT_MS": os.environ["BURST_TEST_WAIT_MS"]} if "BURST_TEST_WAIT_MS" in os.environ else {}
-    with running_server(full_size_artifact, tmp_path, TRANSFER_SERVE_MAX_LATENCY_MS="60000", **extra) as client:
-        url = str(client.base_url).rstrip("/")
-        # phases of fixed length, so a neighbour's second of load moves a p50 over hundreds of requests little
-        phases = serving.quiet_burst_quiet(url, serving.digit_pngs(), quiet_requests=10**9, quiet_seconds=6,
-                                           burst_clients=16, burst_seconds=8)
-    rows = [serving.phase_row(name, 16 if name == "burst" else 1, *result) for name, result in phases.items()]
-    print(serving.table(serving.BURST_HEADERS, rows))
-    for latencies, errors, _ in phases.values():
-        assert not errors and len(latencies) >= 50, rows
-    before = serving.percentile(phases["quiet"][0], 50)
-    after = serving.percentile(phases["quiet after"][0], 50)
-    assert after <= 1.5 * before + BURST_SLACK_S, rows
+    tries = []
+    for attempt in range(2):
+        home = tmp_path / f"try{attempt}"
+        home.mkdir()
+        with running_server(full_size_artifact, home, TRANSFER_SERVE_MAX_LATENCY_MS="60000", **extra) as client:
+            url = str(client.base_url).rstrip("/")
+            # phases of fixed length: a neighbour's second of load moves a p50 over hundreds of requests little
+            phases = serving.quiet_burst_quiet(url, serving.digit_pngs(), quiet_requests=10**9, quiet_seconds=6,
+                                               burst_clients=16, burst_seconds=8)
+        rows = [serving.phase_row(name, 16 if name == "burst" else 1, *result) for name, result in phases.items()]
+        print(serving.table(serving.BURST_HEADERS, rows))
+        tries.append(rows)
+        for latencies, errors, _ in phases.values():
+            assert not errors and len(latencies) >= 50, rows
+        before = serving.percentile(phases["quiet"][0], 50)
+        after = serving.percentile(phases["quiet after"][0], 50)
+        if after <= 1.5 * before + BURST_SLACK_S:
+            break
+    else:
+        pytest.fail(f"p50 after the burst above 1.5x before + {BURST_SLACK_S * 1e3:.0f} ms in every try: {tries}")
