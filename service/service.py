@@ -9,6 +9,7 @@ worker by the `@bentoml.on_startup` hook below.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import bentoml
@@ -16,6 +17,8 @@ from bentoml.models import BentoModel
 
 from models.artifact import ArtifactError
 from models.predictor import l2_normalize
+from service.batching import bound_batch_wait
+from service.bento_env import baked_envs
 from service.bento_io import ClassifyInput, ClassifyItem, ClassifyOutput, EmbedInput, EmbedItem, EmbedOutput
 from service.bentoml_compat import JSONErrorBody, install_in_worker
 from service.loading import load_predictor, served_preprocessing, warm_up
@@ -23,7 +26,7 @@ from service.schemas import ClassifyResponse, EmbedResponse, ModelMetadata, Mode
 from service.settings import ServiceSettings
 from service.unknown_paths import AnswerUnknownPaths
 
-settings = ServiceSettings.from_env()
+settings = ServiceSettings.from_env(baked_envs(__file__) | dict(os.environ))  # `bentoml serve <bento tag>` too
 # one set of limits (and one gate on concurrent decodes) for both APIs; images decode with the model's decode path
 limits = settings.upload_limits(served_preprocessing(settings))
 # max_batch_size 1 turns adaptive batching off (BentoML refuses a batchable API with a max batch of 1): each
@@ -33,6 +36,7 @@ BATCHING = (
     if settings.max_batch_size > 1
     else dict(batchable=False)
 )
+bound_batch_wait(settings.max_batch_wait_ms / 1000)  # else a burst's queueing is held as a wait afterwards
 
 
 @bentoml.service(name="transfer-serve", envs=settings.bento_envs(), traffic={"timeout": 60})
