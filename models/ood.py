@@ -175,6 +175,11 @@ class OODDetector:
 
     summary: OODSummary
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    _float64: dict[str, np.ndarray] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Scoring works in float64; convert the stored (float32) arrays once, not on every batch.
+        object.__setattr__(self, "_float64", {name: np.asarray(a, dtype=np.float64) for name, a in self.arrays.items()})
 
     @property
     def method(self) -> OODMethod:
@@ -281,8 +286,8 @@ class OODDetector:
             return energy_score(logits)
         z = _l2_normalize(embeddings) if s.normalize else embeddings
         if s.method == "knn":
-            return _kth_distance(z, self.arrays["reference"].astype(np.float64), s.k)
-        return _mahalanobis_from(self.arrays, z)
+            return _kth_distance(z, self._float64["reference"], s.k)
+        return _mahalanobis_from(self._float64, z)
 
     def flag(self, logits: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
         """(N,) bool: True where the image is out-of-distribution (score > threshold)."""

@@ -238,3 +238,19 @@ def test_evaluate_ood_metrics():
 
 def test_default_method_is_a_known_method():
     assert DEFAULT_METHOD in METHODS
+
+
+@pytest.mark.slow
+def test_ood_benchmark_quick(tmp_path: Path):
+    """benchmarks/ood.py --quick end to end (two tiny digits runs; numbers meaningless, the script must not rot)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ood.py"
+    spec = importlib.util.spec_from_file_location("benchmark_ood", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows, cost = module.main(["--quick", "--work", str(tmp_path), "--hymenoptera", str(tmp_path / "absent"),
+                              "--batch", "4"])
+    assert {row[0] for row in rows} == {"digits10", "digits8"}
+    assert {row[1] for row in rows} == {"faces (LFW)", "digits 8 and 9 (near)"}
+    assert cost[0][0].startswith("forward pass") and any(row[0] == "score: msp" for row in cost)
