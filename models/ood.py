@@ -180,8 +180,9 @@ class OODDetector:
     _float64: dict[str, np.ndarray] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Scoring works in float64; convert the stored (float32) arrays once, not on every batch.
-        object.__setattr__(self, "_float64", {name: np.asarray(a, dtype=np.float64) for name, a in self.arrays.items()})
+        # Mahalanobis scores in float64: convert its stored float32 arrays once, not on every batch (knn stays float32).
+        wanted = self.arrays if self.summary.method == "mahalanobis" else {}
+        object.__setattr__(self, "_float64", {name: np.asarray(a, dtype=np.float64) for name, a in wanted.items()})
 
     @property
     def method(self) -> OODMethod:
