@@ -3,6 +3,7 @@
     python benchmarks/serving.py --quick                 # seconds-to-a-minute: 2 configs x small load
     python benchmarks/serving.py                         # 1..64 clients, 1 and 4 JPEGs per request
     python benchmarks/serving.py --artifact DIR --device cuda
+    python benchmarks/serving.py --burst                 # quiet -> burst -> quiet: does latency recover?
 
 For each server configuration (adaptive batching on: TRANSFER_SERVE_MAX_BATCH_SIZE=32; off: =1), the
 generator runs C concurrent clients (asyncio + httpx, one connection each), each sending multipart
@@ -13,12 +14,18 @@ p50/p95/p99 request latency, and the mean batch size the server ran (from BentoM
 uses (the default one, in this process, at batch 16, pre-decoded inputs) and the same runtime end to end
 from JPEG bytes (decode + preprocess + inference, one thread), so the HTTP figures have their ceilings beside
 them. Client and server share this machine's cores.
+
+`--burst` runs one server (batching on) through three phases instead: 1 client sending one PNG digit at a
+time (quiet), `--burst-clients` clients for `--burst-seconds` (burst), then 1 client again (quiet); it prints
+images/s and p50/p99 per phase. Latency after the burst should be what it was before it (docs/SERVING.md,
+"Batching").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import re
 import sys
 import tempfile
@@ -79,6 +86,53 @@ async def load(url: str, payloads: list[bytes], clients: int, per_request: int, 
     return latencies, errors, wall
 
 
+def digit_pngs(count: int = 64) -> list[bytes]:
+    """`count` of scikit-learn's 8x8 digits as grayscale PNGs (what the issue's client sent)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    pixels = (load_digits().images[:count] / 16.0 * 255.0).round().clip(0, 255).astype(np.uint8)
+    payloads = []
+    for image in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(image, mode="L").save(buffer, "PNG")
+        payloads.append(buffer.getvalue())
+    return payloads
+
+
+def phase_row(name: str, clients: int, latencies: list[float], errors: list[str], wall: float) -> list[object]:
+    return [name, clients, len(latencies), f"{len(latencies) / wall:.1f}", f"{percentile(latencies, 50) * 1e3:.0f}",
+            f"{percentile(latencies, 99) * 1e3:.0f}", len(errors)]
+
+
+BURST_HEADERS = ["phase", "clients", "requests", "images/s", "p50 ms", "p99 ms", "errors"]
+
+
+def quiet_burst_quiet(url: str, payloads: list[bytes], quiet_requests: int = 200, quiet_seconds: float = 15.0,
+                      burst_clients: int = 16, burst_seconds: float = 10.0) -> dict[str, tuple[list[float], list[str], float]]:
+    """1 client (one image per request) -> `burst_clients` clients for `burst_seconds` -> 1 client again, back to
+    back on the same server. Returns (latencies, errors, wall seconds) per phase: quiet, burst, quiet after."""
+    phases = {}
+    phases["quiet"] = asyncio.run(load(url, payloads, 1, 1, quiet_requests, quiet_seconds))
+    phases["burst"] = asyncio.run(load(url, payloads, burst_clients, 1, 10**9, burst_seconds))
+    phases["quiet after"] = asyncio.run(load(url, payloads, 1, 1, quiet_requests, quiet_seconds))
+    return phases
+
+
+def burst_main(args: argparse.Namespace, artifact: Path, scratch: Path) -> list[list[object]]:
+    settings = {"TRANSFER_SERVE_DEVICE": args.device, **dict(s.split("=", 1) for s in args.server_env)}
+    home = scratch / "home-burst"
+    home.mkdir()
+    with local_server(artifact, home, **settings) as url:
+        phases = quiet_burst_quiet(url, digit_pngs(), args.requests, args.seconds, args.burst_clients,
+                                   args.burst_seconds)
+    clients = {"quiet": 1, "burst": args.burst_clients, "quiet after": 1}
+    rows = [phase_row(name, clients[name], *result) for name, result in phases.items()]
+    print(f"# server settings: {settings}")
+    print(table(BURST_HEADERS, rows))
+    return rows
+
+
 def raw_reference(artifact: Path, payloads: list[bytes], device: str, batch_size: int, min_seconds: float) -> list[list[object]]:
     """The server's default runtime in this process at `batch_size`: raw (pre-decoded) and end to end from JPEG bytes."""
     from models.inference import InferenceOptions
@@ -115,9 +169,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=None, help="most seconds per scenario")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1], help="server max batch sizes (1 = off)")
     parser.add_argument("--reference-batch", type=int, default=16)
+    parser.add_argument("--burst", action="store_true", help="quiet -> burst -> quiet scenario (one server)")
+    parser.add_argument("--burst-clients", type=int, default=16)
+    parser.add_argument("--burst-seconds", type=float, default=10.0)
+    parser.add_argument("--server-env", nargs="*", default=[], metavar="VAR=VALUE",
+                        help="extra server settings for --burst, e.g. TRANSFER_SERVE_MAX_BATCH_WAIT_MS=0")
     args = parser.parse_args(argv)
     args.clients = args.clients or ([1, 4] if args.quick else [1, 4, 16, 64])
     args.images_per_request = args.images_per_request or ([1, 2] if args.quick else [1, 4])
+    if args.burst:  # per quiet phase
+        args.requests = args.requests or 300
+        args.seconds = args.seconds or 20.0
     args.requests = args.requests or (12 if args.quick else 400)
     args.seconds = args.seconds or (20.0 if args.quick else 30.0)
     return args
@@ -132,6 +194,8 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
         scratch = Path(scratch)
         weights = "imagenet" if args.backbone == "efficientnet_lite0" else "none"
         artifact = args.artifact or export_model(scratch, args.backbone, weights)
+        if args.burst:
+            return burst_main(args, artifact, scratch)
         reference = raw_reference(artifact, payloads, args.device, args.reference_batch, 1.0 if args.quick else 5.0)
         print(table(["in-process reference", "batch", "images/s", "p50 ms"], reference), flush=True)
         for max_batch in args.batch_sizes:

@@ -9,6 +9,7 @@ worker by the `@bentoml.on_startup` hook below.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import bentoml
@@ -16,6 +17,8 @@ from bentoml.models import BentoModel
 
 from models.artifact import ArtifactError
 from models.predictor import l2_normalize
+from service.batching import bound_batch_wait
+from service.bento_env import baked_envs
 from service.bento_io import ClassifyInput, ClassifyItem, ClassifyOutput, EmbedInput, EmbedItem, EmbedOutput
 from service.bentoml_compat import JSONErrorBody, install_http_guards, install_in_worker
 from service.loading import load_predictor, served_preprocessing, warm_up
@@ -24,7 +27,7 @@ from service.request_guard import RequestGuard
 from service.settings import REQUEST_TIMEOUT_S, ServiceSettings
 from service.unknown_paths import AnswerUnknownPaths
 
-settings = ServiceSettings.from_env()
+settings = ServiceSettings.from_env(baked_envs(__file__) | dict(os.environ))  # `bentoml serve <bento tag>` too
 # at import, in every worker, before BentoML builds the app and uvicorn loads its config (no hook runs that early):
 # route-labelled metrics and the guarded h11 protocol (header timeout, 431); see service/bentoml_compat.py
 install_http_guards(settings.header_timeout_s)
@@ -37,6 +40,7 @@ BATCHING = (
     if settings.max_batch_size > 1
     else dict(batchable=False)
 )
+bound_batch_wait(settings.max_batch_wait_ms / 1000)  # else a burst's queueing is held as a wait afterwards
 
 
 @bentoml.service(name="transfer-serve", envs=settings.bento_envs(), traffic={"timeout": REQUEST_TIMEOUT_S})
