@@ -18,6 +18,23 @@ internals, each checked by tests/test_bentoml_compat.py so that an upgrade that 
    servers and their listening sockets); see its docstring. It is installed from the service's
    `@bentoml.on_startup` hook, in the worker, never at import.
 
+4. **HTTP hardening the server's options cannot express** (BentoML passes uvicorn no parser limit or
+   timeout, and user middlewares sit inside its metrics middleware):
+   - `RouteLabelledMetrics` replaces `bentoml._internal.server.http.instruments.RunnerTrafficMetricsMiddleware`
+     so that the `endpoint` label of BentoML's request metrics is the matched route's path, or `<unmatched>`,
+     never the raw client-chosen path (HTTP and WebSocket);
+   - `GuardedH11Protocol` replaces uvicorn's `AutoHTTPProtocol` (h11): a request head must be complete
+     `header_timeout_s` after the connection opens (or after the first byte following a response), and a
+     parser error is answered with h11's status (431 for an oversized head) before a lingering close;
+   - `ClientErrorsOneLine` filters BentoML's `bentoml._internal.server.http_app` logger: a client error
+     (4xx) is one WARNING line, a server error keeps its traceback.
+   The first two must be in place before the worker builds its app and its `uvicorn.Config` is loaded,
+   which is before any BentoML hook runs in the worker (`@bentoml.on_startup` runs in the app's lifespan,
+   after both; `@bentoml.on_deployment` runs once, in the parent process, not in the workers). So
+   `install_http_guards` runs when service/service.py is imported, which every worker does first
+   (`_bentoml_impl/worker/service.py`: `load()` comes before `to_asgi()` and `uvicorn.Config`). The log
+   filter is installed by the startup hook (`install_in_worker`).
+
 `check_compatibility()` (run by the startup hook) compares the installed bentoml and uvicorn with
 `TESTED_VERSIONS`: a different major.minor logs a warning when every attribute relied upon is still there,
 and raises `IncompatibleInternals` naming what is missing when one is not.
@@ -31,11 +48,16 @@ import json
 import logging
 import os
 import socket
+import sys
+from http import HTTPStatus
 from importlib import metadata
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
+import h11
 from bentoml import IODescriptor
-from pydantic import BaseModel
+from bentoml.exceptions import BentoMLException
+from pydantic import BaseModel, ValidationError
+from starlette.routing import Match
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -86,7 +108,52 @@ def missing_internals() -> list[str]:
         missing.append("uvicorn Server.shutdown(sockets=...) coroutine")
     if "self.servers" not in inspect.getsource(uvicorn.Server):
         missing.append("uvicorn Server.servers")
+    missing += _missing_http_internals()
     return missing
+
+
+def _missing_http_internals() -> list[str]:
+    """What section 4 (metrics labels, guarded h11 protocol, log filter) relies upon and is not there."""
+    import uvicorn.config
+    from _bentoml_impl.server import app as bentoml_app
+    from bentoml._internal.server import http_app
+    from bentoml._internal.server.http import instruments
+    from uvicorn.protocols.http import auto, h11_impl
+
+    missing = []
+    metrics = getattr(instruments, "RunnerTrafficMetricsMiddleware", None)
+    if inspect.isclass(metrics):  # BentoML's own class, when RouteLabelledMetrics is installed
+        metrics = next(c for c in metrics.__mro__ if not getattr(c, "route_labelled", False))
+    if not inspect.isclass(metrics) or _parameters(metrics.__call__) != ("self", "scope", "receive", "send"):
+        missing.append("bentoml instruments.RunnerTrafficMetricsMiddleware class with __call__(scope, receive, send)")
+    elif "app" not in inspect.signature(metrics.__init__).parameters:
+        missing.append("bentoml RunnerTrafficMetricsMiddleware(app, ...)")
+    else:
+        setup = inspect.getsource(metrics._setup)
+        for name in METRICS_SETUP_ATTRIBUTES:
+            if f"self.{name} = " not in setup:
+                missing.append(f"bentoml RunnerTrafficMetricsMiddleware._setup setting {name}")
+    if "from bentoml._internal.server.http.instruments import" not in inspect.getsource(bentoml_app):
+        missing.append("bentoml ServiceAppFactory importing RunnerTrafficMetricsMiddleware when it builds the app")
+    if not hasattr(auto, "AutoHTTPProtocol") or uvicorn.config.HTTP_PROTOCOLS.get("auto") != (
+        "uvicorn.protocols.http.auto:AutoHTTPProtocol"
+    ):
+        missing.append("uvicorn protocols.http.auto.AutoHTTPProtocol as the 'auto' HTTP protocol")
+    for method in GUARDED_H11_METHODS:
+        if not callable(getattr(h11_impl.H11Protocol, method, None)):
+            missing.append(f"uvicorn H11Protocol.{method}")
+    handle_events = inspect.getsource(h11_impl.H11Protocol.handle_events)
+    if "except h11.RemoteProtocolError" not in handle_events or "self.send_400_response(" not in handle_events:
+        missing.append("uvicorn H11Protocol.handle_events calling send_400_response on h11.RemoteProtocolError")
+    if not isinstance(getattr(h11.Connection, "their_state", None), property):
+        missing.append("h11 Connection.their_state")
+    if http_app.logger.name != BENTOML_HTTP_APP_LOGGER or "exc_info" not in inspect.getsource(http_app.log_exception):
+        missing.append(f"bentoml logger {BENTOML_HTTP_APP_LOGGER!r} logging exceptions with exc_info")
+    return missing
+
+
+def _parameters(function: Callable[..., Any]) -> tuple[str, ...]:
+    return tuple(inspect.signature(function).parameters)
 
 
 def check_compatibility(installed: Mapping[str, str] | None = None) -> None:
@@ -265,6 +332,250 @@ def refuse_new_connections_on_shutdown(before_shutdown: Callable[[], None]) -> N
 
 
 def install_in_worker(before_shutdown: Callable[[], None]) -> None:
-    """What the service's startup hook runs in each worker: the version guard, then the shutdown wrapper."""
+    """What the service's startup hook runs in each worker: the version guard, the shutdown wrapper and the
+    one-line logging of client errors."""
     check_compatibility()
     refuse_new_connections_on_shutdown(before_shutdown)
+    log_client_errors_in_one_line()
+
+
+# --- 4. HTTP hardening -------------------------------------------------------------------------------------------
+
+UNMATCHED_ROUTE_LABEL = "<unmatched>"
+"""The `endpoint` label of every request (HTTP or WebSocket) whose path no route of the app matches."""
+
+BENTOML_HTTP_APP_LOGGER = "bentoml._internal.server.http_app"
+"""The logger of BentoML's `log_exception` ("Exception on PATH [METHOD]"), called for every error an API raises."""
+
+GUARDED_H11_METHODS = ("connection_made", "data_received", "on_response_complete", "send_400_response", "connection_lost")
+"""The uvicorn `H11Protocol` methods `GuardedH11Protocol` overrides."""
+
+METRICS_SETUP_ATTRIBUTES = (
+    "metrics_request_total",
+    "metrics_request_duration",
+    "metrics_request_in_progress",
+    "metrics_last_request_timestamp",
+)
+"""The metrics BentoML's middleware creates in `_setup`, whose `<unmatched>` series `RouteLabelledMetrics` creates."""
+
+LINGER_S = 2.0
+"""After answering a parser error: how long to keep reading (and discarding) before closing, so that the client
+reads the answer instead of a reset."""
+
+
+def route_label(scope: Scope) -> str | None:
+    """The path of the first route of the Starlette app handling `scope` that matches it (a Mount gives its
+    prefix, a wrong method still its route), else `UNMATCHED_ROUTE_LABEL`; None when `scope` has no app."""
+    router = getattr(scope.get("app"), "router", None)
+    if router is None:
+        return None
+    for route in router.routes:
+        if route.matches(scope)[0] is not Match.NONE:
+            return getattr(route, "path", None) or UNMATCHED_ROUTE_LABEL
+    return UNMATCHED_ROUTE_LABEL
+
+
+def _route_labelled_metrics() -> type:
+    from bentoml._internal.server.http import instruments
+
+    base = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(base, "route_labelled", False):
+        return base
+
+    class RouteLabelledMetrics(base):  # type: ignore[valid-type, misc]
+        """BentoML's request metrics with `endpoint` = the matched route's path or `<unmatched>`: BentoML labels
+        them with `scope["path"]`, so every unknown path a client sends (a 404) would add series to /metrics
+        and to the multiprocess metric files, without bound. The app inside still gets the original scope."""
+
+        route_labelled = True
+
+        def __init__(self, app: ASGIApp, *args: Any, **kwargs: Any) -> None:
+            super().__init__(_OriginalScope(app), *args, **kwargs)
+
+        def _setup(self, *args: Any, **kwargs: Any) -> None:
+            """BentoML's setup (on the first request), then the series of unmatched requests, created empty
+            as BentoML creates those of its routes: an unknown path adds no series to /metrics, not even once."""
+            super()._setup(*args, **kwargs)
+            from bentoml._internal.context import server_context
+
+            constant = dict(
+                service_name=server_context.bento_name,
+                service_version=server_context.bento_version,
+                runner_name=server_context.service_name,
+            )
+            unmatched = dict(endpoint=UNMATCHED_ROUTE_LABEL, **constant)
+            self.metrics_request_total.labels(http_response_code=404, **unmatched)
+            self.metrics_request_duration.labels(http_response_code=404, **unmatched)
+            self.metrics_request_in_progress.labels(**unmatched)
+            self.metrics_last_request_timestamp.labels(**constant)
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] in ("http", "websocket"):
+                label = route_label(scope)
+                if label is not None and label != scope["path"]:
+                    scope = {**scope, "path": label, _ORIGINAL_SCOPE: scope}
+            await super().__call__(scope, receive, send)
+
+    return RouteLabelledMetrics
+
+
+_ORIGINAL_SCOPE = "transfer_serve.original_scope"
+
+
+class _OriginalScope:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope.get(_ORIGINAL_SCOPE, scope), receive, send)
+
+
+def install_route_labelled_metrics() -> type:
+    """Make BentoML build its apps with `RouteLabelledMetrics` (it imports the middleware class when it builds
+    an app, so this must run before). Idempotent; returns the class installed."""
+    from bentoml._internal.server.http import instruments
+
+    instruments.RunnerTrafficMetricsMiddleware = _route_labelled_metrics()
+    return instruments.RunnerTrafficMetricsMiddleware
+
+
+from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402  (section 4 only)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus:
+
+    - the request head must be complete `header_timeout_s` after the connection opens, or after the first byte
+      that follows a response (the rest of a body the app answered without reading counts too); else the
+      connection is closed. Idle keep-alive stays uvicorn's (`timeout_keep_alive`, 5 s), and a request being
+      served is not timed here (its body is `RequestGuard`'s);
+    - a request h11 cannot parse is answered with h11's status hint (431 for a head over 16 KiB, 501 for an
+      unknown Transfer-Encoding, else 400) as `{"error": ...}` with `Connection: close`; then the connection
+      is closed lingeringly (EOF sent, input read and discarded for `LINGER_S`), so that a client still sending
+      reads the answer instead of a reset. uvicorn answers 400 whatever the error and closes at once.
+
+    Installing it as uvicorn's "auto" protocol also pins the parser to h11 (httptools, if it were installed,
+    would otherwise be picked, and it sets no header-size limit at all)."""
+
+    header_timeout_s: float = 60.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: Any = None
+        self._draining = False
+
+    def _serving(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._on_head_timeout)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _on_head_timeout(self) -> None:
+        self._head_timer = None
+        if self._serving() or self.transport.is_closing() or self.transport.get_protocol() is not self:
+            return
+        self.logger.debug("closing a connection: no complete request head within %g s", self.header_timeout_s)
+        self.transport.close()
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._draining:
+            return
+        super().data_received(data)
+        if self._draining:
+            return
+        if self._serving() or self.transport.get_protocol() is not self:  # a request (or a WebSocket) took over
+            self._cancel_head_timer()
+        elif not self.transport.is_closing():
+            self._arm_head_timer()  # the first byte after a response: the next head (or an unread body) is timed
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._serving():  # a pipelined request started
+            self._cancel_head_timer()
+
+    def send_400_response(self, msg: str) -> None:
+        error = sys.exc_info()[1]  # uvicorn calls this inside `except h11.RemoteProtocolError`
+        status = getattr(error, "error_status_hint", 400) if isinstance(error, h11.RemoteProtocolError) else 400
+        status = status if isinstance(status, int) and 400 <= status < 600 else 400
+        message = "request header fields too large" if status == 431 else f"invalid HTTP request: {error or msg}"
+        body = json.dumps({"error": message}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        self._cancel_head_timer()
+        self._draining = True
+        try:
+            response = h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode())
+            self.transport.write(self.conn.send(response))
+            self.transport.write(self.conn.send(h11.Data(data=body)))
+            self.transport.write(self.conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:  # a response was already under way: just close
+            self.transport.close()
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.flow.resume_reading()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+
+def install_guarded_protocol(header_timeout_s: float) -> type:
+    """Make uvicorn's "auto" HTTP protocol `GuardedH11Protocol`: `uvicorn.Config.load()` resolves the alias
+    when the worker's server starts, so this must run before."""
+    from uvicorn.protocols.http import auto
+
+    GuardedH11Protocol.header_timeout_s = header_timeout_s
+    auto.AutoHTTPProtocol = GuardedH11Protocol
+    return GuardedH11Protocol
+
+
+def install_http_guards(header_timeout_s: float) -> None:
+    """Run when the service module is imported (see the module docstring for why not from a hook)."""
+    install_route_labelled_metrics()
+    install_guarded_protocol(header_timeout_s)
+
+
+class ClientErrorsOneLine(logging.Filter):
+    """BentoML logs every exception an API raises at ERROR with its traceback, a client error included. For a
+    4xx `BentoMLException` or a pydantic `ValidationError` (BentoML answers 400), this makes the record one
+    WARNING line naming the status and the error; other records (5xx) pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, BentoMLException):
+            status = int(error.error_code)
+        elif isinstance(error, ValidationError):
+            status = 400
+        else:
+            return True
+        if status >= 500:
+            return True
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        record.msg = "%s -> %d %s" % (record.getMessage(), status, first_line)
+        record.args = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+_CLIENT_ERRORS_ONE_LINE = ClientErrorsOneLine()
+
+
+def log_client_errors_in_one_line() -> None:
+    """Install `ClientErrorsOneLine` on BentoML's http_app logger (once per process)."""
+    logging.getLogger(BENTOML_HTTP_APP_LOGGER).addFilter(_CLIENT_ERRORS_ONE_LINE)

@@ -38,6 +38,12 @@ class UnprocessableImage(RequestError):
     error_code = HTTPStatus.UNPROCESSABLE_ENTITY
 
 
+class RequestTimeout(RequestError):
+    """The request body did not arrive in time (`TRANSFER_SERVE_BODY_TIMEOUT_S`)."""
+
+    error_code = HTTPStatus.REQUEST_TIMEOUT
+
+
 def describe_validation_errors(errors: Iterable[Mapping[str, Any]]) -> str:
     """pydantic error details as one line naming each field and what is wrong with it."""
 

@@ -20,13 +20,17 @@ from models.predictor import l2_normalize
 from service.batching import bound_batch_wait
 from service.bento_env import baked_envs
 from service.bento_io import ClassifyInput, ClassifyItem, ClassifyOutput, EmbedInput, EmbedItem, EmbedOutput
-from service.bentoml_compat import JSONErrorBody, install_in_worker
+from service.bentoml_compat import JSONErrorBody, install_http_guards, install_in_worker
 from service.loading import load_predictor, served_preprocessing, warm_up
 from service.schemas import ClassifyResponse, EmbedResponse, ModelMetadata, ModelRef
-from service.settings import ServiceSettings
+from service.request_guard import RequestGuard
+from service.settings import REQUEST_TIMEOUT_S, ServiceSettings
 from service.unknown_paths import AnswerUnknownPaths
 
 settings = ServiceSettings.from_env(baked_envs(__file__) | dict(os.environ))  # `bentoml serve <bento tag>` too
+# at import, in every worker, before BentoML builds the app and uvicorn loads its config (no hook runs that early):
+# route-labelled metrics and the guarded h11 protocol (header timeout, 431); see service/bentoml_compat.py
+install_http_guards(settings.header_timeout_s)
 # one set of limits (and one gate on concurrent decodes) for both APIs; images decode with the model's decode path
 limits = settings.upload_limits(served_preprocessing(settings))
 # max_batch_size 1 turns adaptive batching off (BentoML refuses a batchable API with a max batch of 1): each
@@ -39,7 +43,7 @@ BATCHING = (
 bound_batch_wait(settings.max_batch_wait_ms / 1000)  # else a burst's queueing is held as a wait afterwards
 
 
-@bentoml.service(name="transfer-serve", envs=settings.bento_envs(), traffic={"timeout": 60})
+@bentoml.service(name="transfer-serve", envs=settings.bento_envs(), traffic={"timeout": REQUEST_TIMEOUT_S})
 class TransferServe:
     """Image classification and embeddings from a fine-tuned transfer-learning artifact."""
 
@@ -88,5 +92,6 @@ class TransferServe:
         return ModelMetadata.describe(self.predictor, settings.request_limits())
 
 
+TransferServe.add_asgi_middleware(RequestGuard, body_timeout_s=settings.body_timeout_s)  # outermost of ours
 TransferServe.add_asgi_middleware(JSONErrorBody)
 TransferServe.add_asgi_middleware(AnswerUnknownPaths)

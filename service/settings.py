@@ -23,6 +23,9 @@ from service.uploads import UploadLimits
 
 ENV_PREFIX = "TRANSFER_SERVE_"
 
+REQUEST_TIMEOUT_S = 60
+"""BentoML's `traffic.timeout`: a request with no response started after this long is answered 504."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -64,6 +67,19 @@ class ServiceSettings(InferenceFields):
     allow_url_fetch: bool = Field(False, description="Let clients name http(s) image URLs for the server to fetch.")
     url_fetch_timeout_s: float = Field(10.0, gt=0)
     warmup_batches: int = Field(2, ge=0, description="Forward passes run at load, before /readyz says ready.")
+    header_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A request's line and headers must be complete this long after the connection opens (or the "
+        "first byte after a response); else the connection is closed.",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        lt=REQUEST_TIMEOUT_S,
+        description="A request's body must be complete this long after the server starts reading it; else 408 "
+        "and the connection is closed.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServiceSettings":

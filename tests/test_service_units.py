@@ -78,6 +78,8 @@ def test_settings_read_from_prefixed_environment():
         ({"TRANSFER_SERVE_RUNTIME": "onnx", "TRANSFER_SERVE_PRECISION": "fp16"}, "torchscript"),
         ({"TRANSFER_SERVE_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
         ({"TRANSFER_SERVE_DEVICE": "tpu"}, "device"),
+        ({"TRANSFER_SERVE_BODY_TIMEOUT_S": "60"}, "body_timeout_s"),  # must stay below traffic.timeout
+        ({"TRANSFER_SERVE_HEADER_TIMEOUT_S": "0"}, "header_timeout_s"),
     ],
 )
 def test_inconsistent_settings_are_refused(environ, problem):
