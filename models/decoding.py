@@ -74,6 +74,10 @@ def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -
     except IsADirectoryError:
         raise ImageDecodeError(f"not a regular file (a folder): {path}") from None
     except OSError as exc:
+        with contextlib.suppress(OSError):  # a socket cannot be opened at all (ENXIO): say what it is
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise ImageDecodeError(f"not a regular file ({_file_kind(mode)}): {path}") from None
         raise ImageDecodeError(f"cannot open {path}: {exc.strerror or exc}") from None
     try:
         info = os.fstat(fd)
