@@ -5,6 +5,7 @@ and a resume after freeing space gives the same bytes)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -103,6 +104,7 @@ def test_sigkill_of_the_job_ends_its_decoding_workers(artifact_dir: Path, tmp_pa
                "--no-progress"]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[psutil.Process] = []
     try:
         parent = psutil.Process(job.pid)
         deadline = time.monotonic() + 120
@@ -118,9 +120,9 @@ def test_sigkill_of_the_job_ends_its_decoding_workers(artifact_dir: Path, tmp_pa
     finally:
         if job.poll() is None:
             job.kill()
-        for leftover in psutil.Process().children(recursive=True):  # only this test's own processes
-            if leftover.pid != job.pid:
-                leftover.kill()
+        for worker in workers:  # this test's own processes, even once adopted by PID 1
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
 
 
 def test_full_disk_is_one_error_line_and_resume_is_byte_identical(artifact_dir: Path, digits_dir: Path, tmp_path: Path,
