@@ -155,7 +155,7 @@ class TreeRSS:
             return max(self.peak, self.current())
 
 
-def server_pid(url: str, home: Path) -> int:
+def server_pid(url: str) -> int:
     """The pid of the process listening on `url`'s port, walked up to the root of the server's tree (the
     `transfer-serve serve` process `local_server` started, which exec'd into `bentoml serve`)."""
     import psutil
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None, **server_settings: str) -> dict[str, dic
         home = scratch / "home"
         home.mkdir()
         with local_server(artifact, home, **server_settings) as url:
-            pid = server_pid(url, home)
+            pid = server_pid(url)
             with TreeRSS(pid) as rss:
                 for name in args.cases:
                     title, build = CASES[name]
