@@ -16,6 +16,9 @@ pytestmark = pytest.mark.slow
 
 MB = 1024 * 1024
 PEAK_MB, KEPT_MB, CONCURRENT_PEAK_MB = 600, 300, 1000
+"""The issue's targets. What is kept is asserted tighter (`KEPT_ASSERTED_MB`): before memory was given back
+(models/memory.py) one 16-bit PNG request kept 246 MB, under the target but already most of it."""
+KEPT_ASSERTED_MB = 150
 SETTLE_S = 5.0
 
 
@@ -55,7 +58,7 @@ def test_one_expensive_request_is_bounded_and_given_back(server, case: str) -> N
     print(case, result)
     assert result["statuses"] == [200], result
     assert result["peak_growth_mb"] <= PEAK_MB, result
-    assert result["kept_growth_mb"] <= KEPT_MB, result
+    assert result["kept_growth_mb"] <= min(KEPT_MB, KEPT_ASSERTED_MB), result
 
 
 def test_sixteen_bit_pngs_over_the_decode_budget_are_refused_before_decoding(server) -> None:
@@ -65,10 +68,12 @@ def test_sixteen_bit_pngs_over_the_decode_budget_are_refused_before_decoding(ser
     assert result["peak_growth_mb"] <= 50, result
 
 
-def test_four_expensive_requests_at_once_are_bounded(server) -> None:
+@pytest.mark.parametrize("case", ["32 x 1 kB JPEG declaring 6000x6000", "4 x 6000x6000 16-bit PNG"])
+def test_four_expensive_requests_at_once_are_bounded(server, case: str) -> None:
     bench, url, rss = server
-    result = bench.run_case(url, rss, [bench.truncated_jpeg(eoi=True)] * 32, concurrent=4, settle_s=SETTLE_S)
-    print("4 at once", result)
+    payloads = [bench.truncated_jpeg(eoi=True)] * 32 if case.startswith("32") else [bench.sixteen_bit_png()] * 4
+    result = bench.run_case(url, rss, payloads, concurrent=4, settle_s=SETTLE_S)
+    print("4 at once:", case, result)
     assert result["statuses"] == [200], result
     assert result["peak_growth_mb"] <= CONCURRENT_PEAK_MB, result
-    assert result["kept_growth_mb"] <= KEPT_MB, result
+    assert result["kept_growth_mb"] <= min(KEPT_MB, KEPT_ASSERTED_MB), result
