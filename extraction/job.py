@@ -9,15 +9,18 @@ decoded go to `OUT/_errors/part-NNNNN.jsonl` (per shard, so resume-safe) and, at
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from extraction.config import EmbeddingDType, EngineName, ExtractionConfig
+from extraction.config import EmbeddingDType, EngineName, ExtractionConfig, ExtractionError
 from extraction.plan import JobPlan, plan_job
 from extraction.shards import (
     ERRORS_FILE,
@@ -89,10 +92,43 @@ def _run_engine(plan: JobPlan, assembler: ShardAssembler, pending: Sequence[int]
     return run_local(plan, assembler, pending)
 
 
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG})
+"""OS errors that mean the output folder cannot be written (full, over quota, read-only, not permitted)."""
+
+
+@contextlib.contextmanager
+def _writing_to(output: Path) -> Iterator[None]:
+    """An OSError from writing the output (a full or read-only filesystem, no permission) as an ExtractionError
+    naming the path and the OS's reason; one about a file elsewhere (an input, the artifact) is left as is."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in OUTPUT_ERRNOS:
+            raise
+        path = Path(exc.filename) if exc.filename else output
+        inside = os.path.abspath(path) == os.path.abspath(output) or os.path.abspath(path).startswith(os.path.abspath(output) + os.sep)
+        if not inside:
+            raise
+        reason = exc.strerror or os.strerror(exc.errno)
+        raise ExtractionError(
+            f"cannot write the output {path}: {reason} ({errno.errorcode.get(exc.errno, exc.errno)}); "
+            "finished shards are kept: free space or fix the folder's permissions, then run the same command "
+            "again to resume"
+        ) from None
+
+
 def run_extraction(config: ExtractionConfig, on_shard_written: ShardHook | None = None) -> ExtractionSummary:
-    """Run (or resume) the job described by `config`; returns the summary also written to `_summary.json`."""
+    """Run (or resume) the job described by `config`; returns the summary also written to `_summary.json`.
+    Failing to write the output (full or read-only filesystem) raises ExtractionError, finished shards kept."""
     started_at, clock = datetime.now(timezone.utc), time.perf_counter()
     plan = plan_job(config)
+    with _writing_to(config.output):
+        return _run(config, plan, on_shard_written, started_at, clock)
+
+
+def _run(
+    config: ExtractionConfig, plan: JobPlan, on_shard_written: ShardHook | None, started_at: datetime, clock: float
+) -> ExtractionSummary:
     output = config.output
     output.mkdir(parents=True, exist_ok=True)
     with exclusive(output):

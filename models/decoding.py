@@ -74,6 +74,10 @@ def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -
     except IsADirectoryError:
         raise ImageDecodeError(f"not a regular file (a folder): {path}") from None
     except OSError as exc:
+        with contextlib.suppress(OSError):  # a socket cannot be opened at all (ENXIO): say what it is
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise ImageDecodeError(f"not a regular file ({_file_kind(mode)}): {path}") from None
         raise ImageDecodeError(f"cannot open {path}: {exc.strerror or exc}") from None
     try:
         info = os.fstat(fd)
@@ -194,8 +198,10 @@ def _box_reduce(image: Image.Image, min_side: int) -> Image.Image:
     factor = min(image.size) // min_side
     if factor < 2:
         return image
-    if image.mode not in ("L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK", "YCbCr"):
-        image = _to_rgb(image)  # palette, 1-bit and 16-bit modes cannot be box-reduced as they are
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = _sixteen_bit_to_l(image)  # to 8-bit grey (1 byte a pixel), not RGB (4): same pixels once reduced
+    elif image.mode not in ("L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK", "YCbCr"):
+        image = _to_rgb(image)  # palette and 1-bit modes cannot be box-reduced as they are
     return image.reduce(factor)
 
 
@@ -208,8 +214,11 @@ def _declared_size(header: bytes) -> tuple[int, int] | None:
     return None
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if image.mode in (*SIXTEEN_BIT_MODES, "I"):
         image = _sixteen_bit_to_l(image)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from models.memory import ALLOCATOR_ENV
 from service.settings import ENV_PREFIX, ServiceSettings
 
 SERVICE_IMPORT = "service.service:TransferServe"
@@ -32,10 +33,13 @@ def server_command(host: str, port: int) -> list[str]:
 
 def server_env(settings: ServiceSettings, base: Mapping[str, str]) -> dict[str, str]:
     """`base` with its `TRANSFER_SERVE_*` variables replaced by those that reproduce `settings`.
-    BentoML's usage tracking is off unless `base` turns it on (the server may have no internet)."""
+    BentoML's usage tracking is off unless `base` turns it on (the server may have no internet); glibc's arenas
+    are capped (`MALLOC_ARENA_MAX`) unless `base` sets them."""
     env = {key: value for key, value in base.items() if not key.startswith(ENV_PREFIX)}
     env.update(settings.to_env())
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    for key, value in ALLOCATOR_ENV.items():  # glibc gives decoding memory back (models/memory.py)
+        env.setdefault(key, value)
     return env
 
 

@@ -16,6 +16,7 @@ import bentoml
 from bentoml.models import BentoModel
 
 from models.artifact import ArtifactError
+from models.memory import configure_allocator
 from models.predictor import l2_normalize
 from service.batching import bound_batch_wait
 from service.bento_env import baked_envs
@@ -50,6 +51,7 @@ class TransferServe:
     stored_model = BentoModel(settings.model) if settings.model else None
 
     def __init__(self) -> None:
+        configure_allocator()  # decoding memory goes back to the OS (models/memory.py)
         self.predictor = load_predictor(settings, self.stored_model)
         if self.predictor.manifest.preprocessing != limits.preprocessing:
             raise ArtifactError(

@@ -16,6 +16,7 @@ from typing import Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.decoding import DEFAULT_MAX_PIXELS
+from models.memory import ALLOCATOR_ENV
 from models.preprocessing import Preprocessing
 from models.inference import InferenceFields
 from service.schemas import RequestLimits
@@ -130,9 +131,10 @@ class ServiceSettings(InferenceFields):
 
     def bento_envs(self) -> list[dict[str, str]]:
         """These settings as Bento environment variables, so a built Bento serves as configured at build time.
-        A local artifact directory is left out: a Bento carries its model in the model store."""
+        A local artifact directory is left out: a Bento carries its model in the model store. glibc's arena cap
+        (models/memory.py) comes last."""
         return [
             {"name": name, "value": value}
             for name, value in self.to_env().items()
             if name != f"{ENV_PREFIX}ARTIFACT"
-        ]
+        ] + [{"name": name, "value": value} for name, value in ALLOCATOR_ENV.items()]

@@ -24,6 +24,7 @@ from starlette.formparsers import FormParser, MultiPartException, MultiPartParse
 from starlette.requests import Request
 
 from models.decoding import ImageDecodeError, decode_cost, load_image
+from models.memory import trim_after
 from models.preprocessing import Preprocessing
 from service.errors import (
     PayloadTooLarge,
@@ -266,10 +267,13 @@ def decode_images(blobs: Sequence[tuple[str, bytes]], limits: UploadLimits) -> l
             f"{limits.max_request_decode_bytes} (max_request_decode_bytes); send fewer or smaller images"
         )
     images = []
-    for name, data in blobs:
-        try:
-            with limits.decode_slots:
-                images.append(load_image(data, max_pixels=limits.max_pixels, preprocessing=limits.preprocessing))
-        except ImageDecodeError as exc:
-            raise UnprocessableImage(f"{name}: {exc}") from None
+    try:
+        for name, data in blobs:
+            try:
+                with limits.decode_slots:
+                    images.append(load_image(data, max_pixels=limits.max_pixels, preprocessing=limits.preprocessing))
+            except ImageDecodeError as exc:
+                raise UnprocessableImage(f"{name}: {exc}") from None
+    finally:
+        trim_after(total)  # the full-size pixels are freed by now: give their pages back to the OS
     return images

@@ -89,12 +89,15 @@ def test_inconsistent_settings_are_refused(environ, problem):
 
 def test_bento_envs_carry_settings_but_not_a_local_path():
     settings = ServiceSettings(artifact="/some/dir", max_latency_ms=50)
-    assert settings.bento_envs() == [{"name": "TRANSFER_SERVE_MAX_LATENCY_MS", "value": "50"}]
+    assert settings.bento_envs() == [
+        {"name": "TRANSFER_SERVE_MAX_LATENCY_MS", "value": "50"},
+        {"name": "MALLOC_ARENA_MAX", "value": "2"},
+    ]
 
 
 def test_server_env_replaces_serving_variables_and_disables_tracking():
     env = server_env(ServiceSettings(artifact="/a"), {"PATH": "/bin", "TRANSFER_SERVE_MODEL": "x:1"})
-    assert env == {"PATH": "/bin", "TRANSFER_SERVE_ARTIFACT": "/a", "BENTOML_DO_NOT_TRACK": "true"}
+    assert env == {"PATH": "/bin", "TRANSFER_SERVE_ARTIFACT": "/a", "BENTOML_DO_NOT_TRACK": "true", "MALLOC_ARENA_MAX": "2"}
 
 
 def test_nothing_to_serve_is_a_clear_error():
