@@ -207,6 +207,30 @@ DECODE_HEADERS = ["decode path (one thread)", "decoded size", "ms/image decode",
                   "images/s"]
 
 
+def dct_scale_rows(payloads: list[bytes], min_seconds: float) -> list[list[object]]:
+    """Decode alone at each libjpeg DCT scale (Pillow's draft mode, no box reduction), one thread: what a JPEG
+    costs at 1/1 ("full"), 1/4 (what "reduced" picks for 4032x3024 at 224 px: the shorter side must stay >= 448)
+    and 1/8. Every scale pays the same entropy (Huffman) decoding of the whole file; only the inverse DCT,
+    upsampling and colour conversion shrink."""
+    from PIL import Image
+
+    width, height = Image.open(io.BytesIO(payloads[0])).size
+    rows = []
+    for scale in (1, 2, 4, 8):
+        def decode() -> None:
+            for payload in payloads:
+                with Image.open(io.BytesIO(payload)) as image:
+                    image.draft("RGB", (width // scale, height // scale))
+                    image.load()
+
+        seconds = np.median(timed(decode, 2, min_seconds)) / len(payloads)
+        rows.append([f"1/{scale}", f"{width // scale}x{height // scale}", f"{seconds * 1e3:.1f}"])
+    return rows
+
+
+DCT_HEADERS = ["JPEG DCT scale (one thread)", "decoded size", "ms/image"]
+
+
 def cpu_seconds() -> tuple[float, float]:
     """(this process, its children and their descendants) CPU seconds so far: live children through psutil,
     plus what waited-for children used (os.times)."""

@@ -26,8 +26,8 @@ server per decode path, side by side in one run: the same artifact copied twice 
 `preprocessing.decode` set to "full" (before: every pixel decoded, then resized) and "reduced" (after: JPEG
 DCT scaling to at least twice the network's input side, then resized). Beside the HTTP figures (16 clients x
 1 image by default, batching on) it prints the raw runtime at `--reference-batch` (measured before and after
-the servers run), the per-image decode time of each path on one thread, and the CPU seconds per image the
-server processes and the load generator used. `--quick` uses 2 distinct photos and 6 requests per server.
+the servers run), the per-image decode time of each path on one thread (without `--quick`, also of each JPEG
+DCT scale), and the CPU seconds per image the server processes and the load generator used. `--quick` uses 2 distinct photos and 6 requests per server.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DECODE_HEADERS, cpu_seconds, decode_rows, export_model, jpeg_payloads, machine, percentile, photo_12mp_payloads,
+    DCT_HEADERS, DECODE_HEADERS, cpu_seconds, dct_scale_rows, decode_rows, export_model, jpeg_payloads, machine, percentile, photo_12mp_payloads,
     photo_12mp_source, table, timed, with_decode,
 )
 
@@ -171,6 +171,8 @@ def photos_main(args: argparse.Namespace, artifact: Path, scratch: Path) -> list
     min_seconds = 1.0 if args.quick else 5.0
     raw = [raw_images_per_s(artifact, args.device, args.reference_batch, min_seconds)]
     print(table(DECODE_HEADERS, decode_rows(payloads, paths, 0.5 if args.quick else 3.0)), flush=True)
+    if not args.quick:
+        print(table(DCT_HEADERS, dct_scale_rows(payloads, 3.0)), flush=True)
     order = list(paths)
     rows = []
     for round_ in range(args.rounds):
