@@ -33,21 +33,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DCT_HEADERS, DECODE_HEADERS, cpu_seconds, dct_scale_rows, decode_rows, export_model, machine, photo_12mp_payloads, photo_12mp_source, table,
-    timed, versions, with_decode, write_jpegs, write_payloads,
+    DCT_HEADERS, DECODE_HEADERS, cpu_per_call, cpu_seconds, dct_scale_rows, decode_rows, export_model, machine, photo_12mp_payloads, photo_12mp_source, table,
+    versions, with_decode, write_jpegs, write_payloads,
 )
 
 
-def raw_images_per_s(artifact: Path, batch_size: int, min_seconds: float) -> float:
-    """The job's default runtime in this process at `batch_size`, pre-decoded inputs: images/s."""
+def raw_images_per_s(artifact: Path, batch_size: int, min_seconds: float) -> tuple[float, float]:
+    """The job's default runtime in this process at `batch_size`, pre-decoded inputs: (images/s, CPU seconds per image)."""
     from models.inference import InferenceOptions
     from models.predictor import Predictor
 
     predictor = Predictor.from_artifact(artifact, InferenceOptions(device="cpu"))
     size = predictor.manifest.preprocessing.image_size
     batch = np.random.default_rng(0).standard_normal((batch_size, 3, size, size), dtype=np.float32)
-    seconds = timed(lambda: predictor.predict_batch(batch), 3, min_seconds)
-    return batch_size / float(np.mean(seconds))
+    wall, cpu = cpu_per_call(lambda: predictor.predict_batch(batch), 3, min_seconds)
+    return batch_size / wall, cpu / batch_size
 
 
 def main(argv: list[str] | None = None) -> list[list[object]]:
@@ -124,9 +124,10 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
                           f"{wall:.1f} |", flush=True)
         if args.photos_12mp:
             raw.append(raw_images_per_s(artifact, args.batch_size, min_seconds))
-            reference = float(np.mean(raw))
-            print(f"raw runtime at batch {args.batch_size}, pre-decoded: {raw[0]:.1f} images/s before the jobs, "
-                  f"{raw[1]:.1f} after (mean {reference:.1f}); {machine()}")
+            reference = float(np.mean([r[0] for r in raw]))
+            print(f"raw runtime at batch {args.batch_size}, pre-decoded: {raw[0][0]:.1f} images/s before the jobs, "
+                  f"{raw[1][0]:.1f} after (mean {reference:.1f}); CPU ms/image "
+                  f"{raw[0][1] * 1e3:.1f} and {raw[1][1] * 1e3:.1f}; {machine()}")
             print(table(["decode", "engine", "workers", "batch", "images", "images/s", "% of raw", "wall s",
                          "CPU s/image (job + workers)"],
                         [[label, engine, workers, batch, n, f"{rate:.1f}", f"{100 * rate / reference:.0f}%", f"{wall:.1f}",

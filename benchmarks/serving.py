@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DCT_HEADERS, DECODE_HEADERS, cpu_seconds, dct_scale_rows, decode_rows, export_model, jpeg_payloads, machine, percentile, photo_12mp_payloads,
+    DCT_HEADERS, DECODE_HEADERS, cpu_per_call, cpu_seconds, dct_scale_rows, decode_rows, export_model, jpeg_payloads, machine, percentile, photo_12mp_payloads,
     photo_12mp_source, table, timed, with_decode,
 )
 
@@ -149,16 +149,16 @@ PHOTO_HEADERS = ["decode", "clients", "requests", "images/s", "% of raw", "p50 m
                  "server CPU ms/image", "client CPU ms/image", "errors"]
 
 
-def raw_images_per_s(artifact: Path, device: str, batch_size: int, min_seconds: float) -> float:
-    """The server's default runtime in this process at `batch_size`, pre-decoded inputs: images/s."""
+def raw_images_per_s(artifact: Path, device: str, batch_size: int, min_seconds: float) -> tuple[float, float]:
+    """The server's default runtime in this process at `batch_size`, pre-decoded inputs: (images/s, CPU seconds per image)."""
     from models.inference import InferenceOptions
     from models.predictor import Predictor
 
     predictor = Predictor.from_artifact(artifact, InferenceOptions(device=device))
     size = predictor.manifest.preprocessing.image_size
     batch = np.random.default_rng(0).standard_normal((batch_size, 3, size, size), dtype=np.float32)
-    seconds = timed(lambda: predictor.predict_batch(batch), 3, min_seconds)
-    return batch_size / float(np.mean(seconds))
+    wall, cpu = cpu_per_call(lambda: predictor.predict_batch(batch), 3, min_seconds)
+    return batch_size / wall, cpu / batch_size
 
 
 def photos_main(args: argparse.Namespace, artifact: Path, scratch: Path) -> list[list[object]]:
@@ -198,9 +198,10 @@ def photos_main(args: argparse.Namespace, artifact: Path, scratch: Path) -> list
                     if errors:
                         print(f"# first error: {errors[0]}", file=sys.stderr)
     raw.append(raw_images_per_s(artifact, args.device, args.reference_batch, min_seconds))
-    reference = float(np.mean(raw))
-    print(f"raw runtime at batch {args.reference_batch}, pre-decoded: {raw[0]:.1f} images/s before the servers, "
-          f"{raw[1]:.1f} after (mean {reference:.1f}); {machine(args.device)}")
+    reference = float(np.mean([r[0] for r in raw]))
+    print(f"raw runtime at batch {args.reference_batch}, pre-decoded: {raw[0][0]:.1f} images/s before the servers, "
+          f"{raw[1][0]:.1f} after (mean {reference:.1f}); CPU ms/image "
+          f"{raw[0][1] * 1e3:.1f} and {raw[1][1] * 1e3:.1f}; {machine(args.device)}")
     formatted = [[label, clients, count, f"{rate:.1f}", f"{100 * rate / reference:.0f}%", f"{p50:.0f}", f"{p95:.0f}",
                   f"{p99:.0f}", f"{batch:.1f}", f"{server:.0f}", f"{client:.0f}", errors]
                  for label, clients, count, rate, p50, p95, p99, batch, server, client, errors in rows]
