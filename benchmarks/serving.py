@@ -4,6 +4,7 @@
     python benchmarks/serving.py                         # 1..64 clients, 1 and 4 JPEGs per request
     python benchmarks/serving.py --artifact DIR --device cuda
     python benchmarks/serving.py --burst                 # quiet -> burst -> quiet: does latency recover?
+    python benchmarks/serving.py --photos-12mp           # 12 MP JPEGs, decode "full" (before) vs "reduced" (after)
 
 For each server configuration (adaptive batching on: TRANSFER_SERVE_MAX_BATCH_SIZE=32; off: =1), the
 generator runs C concurrent clients (asyncio + httpx, one connection each), each sending multipart
@@ -19,6 +20,14 @@ them. Client and server share this machine's cores.
 time (quiet), `--burst-clients` clients for `--burst-seconds` (burst), then 1 client again (quiet); it prints
 images/s and p50/p99 per phase. Latency after the burst should be what it was before it (docs/SERVING.md,
 "Batching").
+
+`--photos-12mp` serves 12-megapixel JPEGs (4032x3024, ~3 MB: `common.photo_12mp_payloads`) with one
+server per decode path, side by side in one run: the same artifact copied twice with its manifest's
+`preprocessing.decode` set to "full" (before: every pixel decoded, then resized) and "reduced" (after: JPEG
+DCT scaling to at least twice the network's input side, then resized). Beside the HTTP figures (16 clients x
+1 image by default, batching on) it prints the raw runtime at `--reference-batch` (measured before and after
+the servers run), the per-image decode time of each path on one thread (without `--quick`, also of each JPEG
+DCT scale), and the CPU seconds per image the server processes and the load generator used. `--quick` uses 2 distinct photos and 6 requests per server.
 """
 
 from __future__ import annotations
@@ -36,7 +45,10 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import export_model, jpeg_payloads, machine, percentile, table, timed  # noqa: E402
+from common import (  # noqa: E402
+    DCT_HEADERS, DECODE_HEADERS, cpu_per_call, cpu_seconds, dct_scale_rows, decode_rows, export_model, jpeg_payloads, machine, percentile, photo_12mp_payloads,
+    photo_12mp_source, table, timed, with_decode,
+)
 
 from service.launch import local_server  # noqa: E402
 
@@ -133,6 +145,70 @@ def burst_main(args: argparse.Namespace, artifact: Path, scratch: Path) -> list[
     return rows
 
 
+PHOTO_HEADERS = ["decode", "clients", "requests", "images/s", "% of raw", "p50 ms", "p95 ms", "p99 ms", "mean batch",
+                 "server CPU ms/image", "client CPU ms/image", "errors"]
+
+
+def raw_images_per_s(artifact: Path, device: str, batch_size: int, min_seconds: float) -> tuple[float, float]:
+    """The server's default runtime in this process at `batch_size`, pre-decoded inputs: (images/s, CPU seconds per image)."""
+    from models.inference import InferenceOptions
+    from models.predictor import Predictor
+
+    predictor = Predictor.from_artifact(artifact, InferenceOptions(device=device))
+    size = predictor.manifest.preprocessing.image_size
+    batch = np.random.default_rng(0).standard_normal((batch_size, 3, size, size), dtype=np.float32)
+    wall, cpu = cpu_per_call(lambda: predictor.predict_batch(batch), 3, min_seconds)
+    return batch_size / wall, cpu / batch_size
+
+
+def photos_main(args: argparse.Namespace, artifact: Path, scratch: Path) -> list[list[object]]:
+    """12 MP JPEGs through one server per decode path (before: "full", after: "reduced"), same artifact."""
+    payloads = photo_12mp_payloads(args.photos)
+    print(f"# {len(payloads)} distinct 12 MP JPEGs ({photo_12mp_source()}), "
+          f"{np.mean([len(p) for p in payloads]) / 1e6:.1f} MB mean", flush=True)
+    paths = {"full (before)": with_decode(artifact, "full", scratch / "before"),
+             "reduced (after)": with_decode(artifact, "reduced", scratch / "after")}
+    min_seconds = 1.0 if args.quick else 5.0
+    raw = [raw_images_per_s(artifact, args.device, args.reference_batch, min_seconds)]
+    print(table(DECODE_HEADERS, decode_rows(payloads, paths, 0.5 if args.quick else 3.0)), flush=True)
+    if not args.quick:
+        print(table(DCT_HEADERS, dct_scale_rows(payloads, 3.0)), flush=True)
+    order = list(paths)
+    rows = []
+    for round_ in range(args.rounds):
+        for label in order if round_ % 2 == 0 else order[::-1]:  # before, after; then after, before; ...
+            home = scratch / f"home-{len(rows)}"
+            home.mkdir()
+            settings = {"TRANSFER_SERVE_MAX_BATCH_SIZE": str(args.batch_sizes[0]), "TRANSFER_SERVE_MAX_LATENCY_MS": "60000",
+                        "TRANSFER_SERVE_DEVICE": args.device}
+            with local_server(paths[label], home, **settings) as url:
+                for clients in args.clients:
+                    before, cpu_before = batch_histogram(url), cpu_seconds()
+                    latencies, errors, wall = asyncio.run(load(url, payloads, clients, 1, args.requests, args.seconds))
+                    after, cpu_after = batch_histogram(url), cpu_seconds()
+                    batches = after[1] - before[1]
+                    done = max(len(latencies), 1)
+                    rows.append([label, clients, len(latencies), len(latencies) / wall, percentile(latencies, 50) * 1e3,
+                                 percentile(latencies, 95) * 1e3, percentile(latencies, 99) * 1e3,
+                                 (after[0] - before[0]) / batches if batches else 1.0,
+                                 (cpu_after[1] - cpu_before[1]) / done * 1e3, (cpu_after[0] - cpu_before[0]) / done * 1e3,
+                                 len(errors)])
+                    print(f"# {label}, {clients} clients: {len(latencies)} requests, {len(latencies) / wall:.1f} images/s",
+                          file=sys.stderr, flush=True)
+                    if errors:
+                        print(f"# first error: {errors[0]}", file=sys.stderr)
+    raw.append(raw_images_per_s(artifact, args.device, args.reference_batch, min_seconds))
+    reference = float(np.mean([r[0] for r in raw]))
+    print(f"raw runtime at batch {args.reference_batch}, pre-decoded: {raw[0][0]:.1f} images/s before the servers, "
+          f"{raw[1][0]:.1f} after (mean {reference:.1f}); CPU ms/image "
+          f"{raw[0][1] * 1e3:.1f} and {raw[1][1] * 1e3:.1f}; {machine(args.device)}")
+    formatted = [[label, clients, count, f"{rate:.1f}", f"{100 * rate / reference:.0f}%", f"{p50:.0f}", f"{p95:.0f}",
+                  f"{p99:.0f}", f"{batch:.1f}", f"{server:.0f}", f"{client:.0f}", errors]
+                 for label, clients, count, rate, p50, p95, p99, batch, server, client, errors in rows]
+    print(table(PHOTO_HEADERS, formatted))
+    return formatted
+
+
 def raw_reference(artifact: Path, payloads: list[bytes], device: str, batch_size: int, min_seconds: float) -> list[list[object]]:
     """The server's default runtime in this process at `batch_size`: raw (pre-decoded) and end to end from JPEG bytes."""
     from models.inference import InferenceOptions
@@ -172,9 +248,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--burst", action="store_true", help="quiet -> burst -> quiet scenario (one server)")
     parser.add_argument("--burst-clients", type=int, default=16)
     parser.add_argument("--burst-seconds", type=float, default=10.0)
+    parser.add_argument("--photos-12mp", action="store_true",
+                        help="12 MP JPEGs, decode full (before) vs reduced (after), one server each")
+    parser.add_argument("--photos", type=int, default=None, help="distinct 12 MP JPEGs (default 8; --quick 2)")
+    parser.add_argument("--rounds", type=int, default=1, help="--photos-12mp: before/after pairs, order alternated")
     parser.add_argument("--server-env", nargs="*", default=[], metavar="VAR=VALUE",
                         help="extra server settings for --burst, e.g. TRANSFER_SERVE_MAX_BATCH_WAIT_MS=0")
     args = parser.parse_args(argv)
+    if args.photos_12mp:
+        args.clients = args.clients or [16]
+        args.photos = args.photos or (2 if args.quick else 8)
+        args.requests = args.requests or (6 if args.quick else 400)
     args.clients = args.clients or ([1, 4] if args.quick else [1, 4, 16, 64])
     args.images_per_request = args.images_per_request or ([1, 2] if args.quick else [1, 4])
     if args.burst:  # per quiet phase
@@ -196,6 +280,8 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
         artifact = args.artifact or export_model(scratch, args.backbone, weights)
         if args.burst:
             return burst_main(args, artifact, scratch)
+        if args.photos_12mp:
+            return photos_main(args, artifact, scratch)
         reference = raw_reference(artifact, payloads, args.device, args.reference_batch, 1.0 if args.quick else 5.0)
         print(table(["in-process reference", "batch", "images/s", "p50 ms"], reference), flush=True)
         for max_batch in args.batch_sizes:

@@ -4,6 +4,7 @@ fast inference paths they measure give the same top-1 class as fp32 eager PyTorc
 from __future__ import annotations
 
 import importlib.util
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,39 @@ def test_extraction_benchmark_quick():
                              "--batch-size", "4"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| local | 0 | 4 | 8 |" in result.stdout
+
+
+def test_12mp_photos_and_decode_copies(tmp_path: Path):
+    """The 12 MP generator makes camera-sized JPEGs, and an artifact copied with another `decode` loads with it
+    (a new digest: the manifest changed; the files it lists still verify)."""
+    from PIL import Image
+
+    from models.artifact import load_artifact
+    from models.decoding import load_image
+
+    common = load("common")
+    payload = common.photo_12mp_payloads(1)[0]
+    assert Image.open(io.BytesIO(payload)).size == (4032, 3024) and len(payload) > 1_000_000
+    source = load("common").export_model(tmp_path / "export", "resnet18", "none", num_classes=2, image_size=32)
+    full = load_artifact(common.with_decode(source, "full", tmp_path / "full"))
+    reduced = load_artifact(common.with_decode(source, "reduced", tmp_path / "reduced"))
+    assert (full.manifest.preprocessing.decode, reduced.manifest.preprocessing.decode) == ("full", "reduced")
+    assert full.digest != reduced.digest
+    assert load_image(payload, preprocessing=full.manifest.preprocessing).size == (4032, 3024)
+    assert max(load_image(payload, preprocessing=reduced.manifest.preprocessing).size) < 4032
+
+
+@pytest.mark.slow
+def test_extraction_benchmark_12mp_quick(artifact_dir: Path):
+    rows = load("extraction_speed").main(["--photos-12mp", "--quick", "--workers", "0", "--artifact", str(artifact_dir)])
+    assert [(row[0], row[4]) for row in rows] == [("full (before)", 2), ("reduced (after)", 2)]
+
+
+@pytest.mark.slow
+def test_service_benchmark_12mp_quick(artifact_dir: Path):
+    rows = load("serving").main(["--photos-12mp", "--quick", "--artifact", str(artifact_dir), "--photos", "1",
+                                 "--clients", "2", "--requests", "2", "--batch-sizes", "4", "--reference-batch", "2"])
+    assert [(row[0], row[2], row[-1]) for row in rows] == [("full (before)", 2, 0), ("reduced (after)", 2, 0)]
 
 
 @pytest.mark.slow
