@@ -40,6 +40,8 @@ DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
 
+EXIF_ORIENTATION = 0x0112
+
 SNIFF_BYTES = 32
 """Header bytes read to describe a file Pillow cannot identify."""
 
@@ -136,7 +138,7 @@ def load_image(
         image.seek(0)
         image.load()
         decoded = _box_reduce(image, min_side) if min_side is not None else image
-        return _to_rgb(ImageOps.exif_transpose(decoded))
+        return _to_rgb(_upright(decoded))
 
 
 def decode_cost(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, preprocessing: Preprocessing | None = None) -> int:
@@ -190,6 +192,14 @@ def _check_header(image: Image.Image, max_pixels: int) -> None:
         raise ImageDecodeError(f"zero-size image ({width}x{height})")
     if width * height > max_pixels:
         raise ImageDecodeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; an image without one is returned as it is (exif_transpose would copy it:
+    20-25 ms for a 12 MP photo)."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _box_reduce(image: Image.Image, min_side: int) -> Image.Image:

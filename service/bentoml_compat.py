@@ -35,6 +35,26 @@ internals, each checked by tests/test_bentoml_compat.py so that an upgrade that 
    (`_bentoml_impl/worker/service.py`: `load()` comes before `to_asgi()` and `uvicorn.Config`). The log
    filter is installed by the startup hook (`install_in_worker`).
 
+5. **A bound on the wait adaptive batching learns** (`bound_batch_wait`, wrapping the dispatcher's
+   `Optimizer.trigger_refresh`; called when service/service.py is imported, before any dispatcher exists).
+   A bound on the wait BentoML's adaptive batching learns, so latency recovers after a burst.
+   
+   BentoML 1.4's dispatcher (`bentoml._internal.marshal.dispatcher`) holds a request back, while the model is
+   idle, for as long as `Optimizer.wait`: the mean of the last 50 batches' "wait", the time from the first
+   request's arrival to the start of its batch, refreshed at most every 5 s. Under load that time is mostly
+   queueing behind the batch in progress (the model is busy), not a wait that filled a batch; yet afterwards a
+   lone request is held for about 0.95x that much before it runs, and that hold is measured as the next
+   batches' wait, so the estimate only shrinks by ~5% (plus one image's compute) per refresh: one client after
+   16 concurrent ones was held ~30-50 ms per request (measured, docs/BENCHMARKS.md) and took minutes to recover.
+   `max_latency_ms` does not bound this wait (it only cancels requests that waited longer), and BentoML 1.4 has
+   no setting for it (a `target_latency_ms` batching strategy was proposed upstream, bentoml/BentoML#3630, and
+   not merged).
+   
+   `bound_batch_wait(seconds)` caps the learned wait at each refresh. With 0 (the default,
+   TRANSFER_SERVE_MAX_BATCH_WAIT_MS), a batch starts as soon as the model is free and takes every request that
+   queued meanwhile (up to the max batch size): batches still form under load, from the requests that arrived
+   while the previous batch ran, and a lone request never waits for company.
+
 `check_compatibility()` (run by the startup hook) compares the installed bentoml and uvicorn with
 `TESTED_VERSIONS`: a different major.minor logs a warning when every attribute relied upon is still there,
 and raises `IncompatibleInternals` naming what is missing when one is not.
@@ -109,6 +129,13 @@ def missing_internals() -> list[str]:
     if "self.servers" not in inspect.getsource(uvicorn.Server):
         missing.append("uvicorn Server.servers")
     missing += _missing_http_internals()
+    from bentoml._internal.marshal import dispatcher
+
+    optimizer = getattr(dispatcher, "Optimizer", None)
+    if not inspect.isclass(optimizer) or not callable(getattr(optimizer, "trigger_refresh", None)):
+        missing.append("bentoml marshal.dispatcher.Optimizer.trigger_refresh")
+    elif "self.wait = " not in inspect.getsource(optimizer):
+        missing.append("bentoml dispatcher Optimizer.wait (the learned wait)")
     return missing
 
 
@@ -579,3 +606,26 @@ _CLIENT_ERRORS_ONE_LINE = ClientErrorsOneLine()
 def log_client_errors_in_one_line() -> None:
     """Install `ClientErrorsOneLine` on BentoML's http_app logger (once per process)."""
     logging.getLogger(BENTOML_HTTP_APP_LOGGER).addFilter(_CLIENT_ERRORS_ONE_LINE)
+
+# --- 5. adaptive batching: a bound on the learned wait ----------------------------------------------------
+
+def bound_batch_wait(seconds: float) -> None:
+    """Cap `Optimizer.wait` of every adaptive-batching dispatcher in this process at `seconds` (patched once;
+    a later call changes the bound)."""
+    from bentoml._internal.marshal.dispatcher import Optimizer
+
+    Optimizer.max_learned_wait_s = max(0.0, float(seconds))  # read by the wrapper at each refresh
+    original = Optimizer.trigger_refresh
+    if getattr(original, "_bounds_wait", False):
+        return
+
+    @functools.wraps(original)
+    def trigger_refresh(self: Any) -> None:
+        original(self)
+        bound = getattr(self, "max_learned_wait_s", None)
+        if bound is not None and self.wait > bound:
+            logger.debug("adaptive batching: learned wait %.1f ms capped at %.1f ms", self.wait * 1e3, bound * 1e3)
+            self.wait = bound
+
+    trigger_refresh._bounds_wait = True  # type: ignore[attr-defined]
+    Optimizer.trigger_refresh = trigger_refresh  # type: ignore[method-assign]

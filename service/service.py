@@ -18,10 +18,9 @@ from bentoml.models import BentoModel
 from models.artifact import ArtifactError
 from models.memory import configure_allocator
 from models.predictor import l2_normalize
-from service.batching import bound_batch_wait
 from service.bento_env import baked_envs
 from service.bento_io import ClassifyInput, ClassifyItem, ClassifyOutput, EmbedInput, EmbedItem, EmbedOutput
-from service.bentoml_compat import JSONErrorBody, install_http_guards, install_in_worker
+from service.bentoml_compat import JSONErrorBody, bound_batch_wait, install_http_guards, install_in_worker
 from service.loading import load_predictor, served_preprocessing, warm_up
 from service.schemas import ClassifyResponse, EmbedResponse, ModelMetadata, ModelRef
 from service.request_guard import RequestGuard

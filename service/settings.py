@@ -51,7 +51,7 @@ class ServiceSettings(InferenceFields):
     max_latency_ms: int = Field(10_000, gt=0, description="Longest a request may wait for its batch (then 503).")
     max_batch_wait_ms: float = Field(
         0, ge=0, description="Longest adaptive batching holds a request for more to arrive while the model is idle "
-        "(caps the wait BentoML learns under load; service/batching.py)."
+        "(caps the wait BentoML learns under load; service/bentoml_compat.py)."
     )
     max_images_per_request: int = Field(32, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Per image, checked before decoding.")

@@ -1,5 +1,5 @@
 """Adaptive batching recovers after a burst: the wait BentoML's dispatcher learns under load is capped
-(service/batching.py), so one client after a burst of concurrent ones is served as fast as before it."""
+(service/bentoml_compat.py, bound_batch_wait), so one client after a burst of concurrent ones is served as fast as before it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.batching import bound_batch_wait
+from service.bentoml_compat import bound_batch_wait
 
 BURST_SLACK_S = 0.010
 
