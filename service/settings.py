@@ -64,6 +64,11 @@ class ServiceSettings(InferenceFields):
     allow_url_fetch: bool = Field(False, description="Let clients name http(s) image URLs for the server to fetch.")
     url_fetch_timeout_s: float = Field(10.0, gt=0)
     warmup_batches: int = Field(2, ge=0, description="Forward passes run at load, before /readyz says ready.")
+    unknown_as_label: bool = Field(
+        False,
+        description="/classify answers the label 'unknown' first for images the model's out-of-distribution "
+        "detector flags, unless a request sets unknown_label (docs/OOD.md).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServiceSettings":
