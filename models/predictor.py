@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +42,20 @@ class TopK:
     probabilities: list[float]
 
 
+@functools.cache
+def single_threaded_blas() -> None:
+    """Run numpy's BLAS on one thread in this process, once (called when a Predictor with an OOD detector is
+    built): right after a forward pass the runtime's threads still spin on every core, and a multi-threaded
+    BLAS product fighting them took many times longer (measured at 32 px, batch 32: +64% of predict_batch for a
+    24-row kNN reference with BLAS on 2 threads, +4% on one; docs/OOD.md#latency). Only numpy's BLAS is
+    limited (torch and ONNX Runtime keep their own thread pools); a per-call limit cost ~1.5 ms itself."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn's dependency; without it BLAS keeps its threads
+        return
+    threadpool_limits(limits=1, user_api="blas")
+
+
 def load_ood(directory: Path, manifest: Manifest) -> OODDetector | None:
     """The artifact's OOD detector (its file already hash-checked by `load_artifact`), or None when the manifest
     has none (an artifact from before the detector, or trained with `--ood-method none`)."""
@@ -62,6 +77,8 @@ class Predictor:
         self.runtime = runtime
         self.digest = digest
         self.ood = ood
+        if ood is not None:
+            single_threaded_blas()
 
     @classmethod
     def from_artifact(
