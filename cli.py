@@ -107,6 +107,8 @@ def train(
     resume: bool = _option("resume"),
     export: bool = _option("export"),
     name: Optional[str] = _option("name"),
+    ood_method: str = _option("ood_method"),
+    ood_target_rejection: float = _option("ood_target_rejection"),
 ) -> None:
     """Fine-tune a backbone on labelled images, evaluate on the held-out test split, and export."""
     from training.config import TrainConfig
@@ -166,11 +168,17 @@ def evaluate(
     split: Optional[str] = typer.Option(None, help="Only this split of the data (train, val or test)."),
     output: Path = typer.Option(Path("evaluation"), help="Folder for report.json and confusion_matrix.png."),
     runtime: str = typer.Option("auto", help="auto | onnx | torchscript."),
+    ood: Optional[Path] = typer.Option(
+        None, "--ood", help="Folder of out-of-distribution images (any images, recursive): adds AUROC, FPR@95%TPR "
+        "and the share flagged to report.json, and ood_histogram.png."
+    ),
 ) -> None:
-    """Score an artifact on labelled images: accuracy, macro-F1, per-class precision/recall, confusion, ECE."""
+    """Score an artifact on labelled images: accuracy, macro-F1, per-class precision/recall, confusion, ECE, and
+    the out-of-distribution detector (share flagged; with --ood, separation from foreign images)."""
     from models.inference import InferenceOptions
     from models.predictor import Predictor
     from training.data import DataError, discover_images
+    from models.image_files import list_image_files
     from training.evaluate import evaluate_artifact, save_confusion_matrix_png
 
     records = discover_images(data)
@@ -178,13 +186,26 @@ def evaluate(
         records = [r for r in records if r.split == split]
         if not records:
             raise DataError(f"{data} has no images in split {split!r}")
-    report, skipped = evaluate_artifact(Predictor.from_artifact(artifact, InferenceOptions(runtime=runtime)), records)
+    ood_images = None
+    if ood is not None:
+        ood_images = list_image_files(ood) if ood.is_dir() else []
+        if not ood_images:
+            raise DataError(f"--ood {ood}: no image files found (expected a folder of images, searched recursively)")
     output.mkdir(parents=True, exist_ok=True)
+    report, skipped = evaluate_artifact(
+        Predictor.from_artifact(artifact, InferenceOptions(runtime=runtime)), records, ood_images=ood_images,
+        ood_histogram_png=output / "ood_histogram.png" if ood_images else None,
+    )
     (output / "report.json").write_text(report.model_dump_json(indent=2))
     save_confusion_matrix_png(report, output / "confusion_matrix.png")
     for item in skipped:
         typer.echo(f"skipped unreadable image {item.path}: {item.reason}", err=True)
-    typer.echo(json.dumps(report.headline() | {"images": report.images}, indent=2))
+    summary = report.headline() | {"images": report.images}
+    if report.ood_flagged_share is not None:
+        summary["ood_flagged_share"] = report.ood_flagged_share
+    if report.ood is not None:
+        summary |= {f"ood_{k}": v for k, v in report.ood.model_dump().items()}
+    typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"report: {output / 'report.json'}")
 
 

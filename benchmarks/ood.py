@@ -17,6 +17,12 @@ Every detector is fitted on the run's validation split (outputs of the exported 
 service sees), thresholded at --target-rejection of the validation images, and measured on the test split
 (ID) against each OOD set: AUROC and FPR at 95% TPR (positives = OOD) and the flagged shares at the threshold.
 Part 2 times `OODDetector.score` on a batch of 32 against the artifact's forward pass on the same batch.
+
+    python benchmarks/ood.py --overhead ARTIFACT  # only: Predictor.predict_batch with vs without its detector
+
+`--overhead` times what /classify and the batch job run per batch, `Predictor.predict_batch` (forward pass,
+softmax, OOD score), with the artifact's own detector, with a largest-size kNN reference (2,048 rows), and
+without any detector, in interleaved rounds so machine load hits all three alike.
 """
 
 from __future__ import annotations
@@ -152,7 +158,7 @@ def artifact_outputs(predictor, images: list, batch_size: int = 32) -> tuple[np.
 
 def split_images(run_dir: Path, split: str, labels: list[str] | None = None) -> tuple[list, np.ndarray]:
     """A run's split (from its splits.csv) as images and class indices in `labels` order (-1 without labels)."""
-    from models.preprocessing import load_image
+    from models.decoding import load_image
     from training.data import read_csv_manifest, split_records
 
     records = getattr(split_records(read_csv_manifest(run_dir / "splits.csv")), split)
@@ -161,7 +167,7 @@ def split_images(run_dir: Path, split: str, labels: list[str] | None = None) -> 
 
 
 def folder_images(folder: Path, limit: int | None = None) -> list:
-    from models.preprocessing import load_image
+    from models.decoding import load_image
 
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     return [load_image(p) for p in paths[:limit]]
@@ -221,6 +227,35 @@ def scoring_cost(artifact: Path, protocol: dict, batch: int, min_seconds: float)
     return rows
 
 
+def predictor_overhead(artifact: Path, batch: int, rounds: int = 15, calls: int = 5) -> list[list[object]]:
+    """Median ms per `predict_batch` of `batch` images: no detector, the artifact's, and a 2,048-row kNN one."""
+    from common import percentile
+    from models.ood import DEFAULT_MAX_REFERENCE, OODDetector
+    from models.predictor import Predictor
+
+    predictor = Predictor.from_artifact(artifact)
+    if predictor.ood is None:
+        raise SystemExit(f"{artifact} has no OOD detector")
+    rng = np.random.default_rng(0)
+    size = predictor.manifest.preprocessing.image_size
+    pixels = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
+    dim, classes = predictor.manifest.embedding_dim, predictor.manifest.num_classes
+    largest = OODDetector.fit("knn", rng.normal(size=(DEFAULT_MAX_REFERENCE + 1, classes)),
+                              rng.normal(size=(DEFAULT_MAX_REFERENCE + 1, dim)),
+                              np.arange(DEFAULT_MAX_REFERENCE + 1) % classes)
+    variants = {"no detector": None, f"artifact's {predictor.ood.method} "
+                f"({predictor.ood.summary.n_reference or 0} reference rows)": predictor.ood,
+                f"knn, {largest.summary.n_reference} reference rows": largest}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, detector in variants.items():
+            predictor.ood = detector
+            times[name] += timed(lambda: predictor.predict_batch(pixels), calls, 0.0)
+    base = percentile(times["no detector"], 50)
+    return [[name, f"{percentile(t, 50) * 1e3:.1f}", f"{100 * (percentile(t, 50) / base - 1):+.1f}%"]
+            for name, t in times.items()]
+
+
 def main(argv: list[str] | None = None) -> tuple[list[list[object]], list[list[object]]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("ood-benchmark"), help="data, runs and cached outputs")
@@ -228,7 +263,16 @@ def main(argv: list[str] | None = None) -> tuple[list[list[object]], list[list[o
     parser.add_argument("--target-rejection", type=float, default=0.05)
     parser.add_argument("--batch", type=int, default=32, help="batch size of the scoring-cost comparison")
     parser.add_argument("--quick", action="store_true", help="tiny random-init runs: checks the script, not OOD")
+    parser.add_argument("--overhead", type=Path, help="only time predict_batch with/without ARTIFACT's detector")
     args = parser.parse_args(argv)
+    if args.overhead is not None:
+        import torch
+
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        rows = predictor_overhead(args.overhead, args.batch)
+        print(f"Predictor.predict_batch, batch of {args.batch}, {args.overhead}; {machine()}\n")
+        print(table(["detector", "median ms / batch", "vs no detector"], rows))
+        return rows, []
 
     import torch
 

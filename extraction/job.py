@@ -59,6 +59,10 @@ class ExtractionSummary(BaseModel):
     duplicates_dropped: int
     rows: int = Field(description="Images with a row in the shards.")
     errors: int = Field(description="Images recorded in _errors.jsonl instead.")
+    unknown: int | None = Field(
+        None, description="Rows flagged out-of-distribution (`unknown` column); null when the artifact has no detector."
+    )
+    unknown_share: float | None = Field(None, description="unknown / rows; null without a detector (or rows).")
     shards: int
     shards_skipped: int = Field(description="Shards already complete when this run started (resume).")
     shards_written: int = Field(description="Shards written by this run.")
@@ -77,6 +81,14 @@ def _error_records(output: Path, shard_count: int) -> list[str]:
         if path.is_file():
             lines.extend(line for line in path.read_text().splitlines() if line.strip())
     return lines
+
+
+def _count_unknown(output: Path, plan: JobPlan) -> int:
+    """Rows flagged `unknown` in every shard (read back, so a resumed job counts the shards of earlier runs)."""
+    return sum(
+        int(pq.read_table(output / shard_name(i), columns=["unknown"]).column("unknown").to_numpy().sum())
+        for i in range(plan.shard_count)
+    )
 
 
 def _run_engine(plan: JobPlan, assembler: ShardAssembler, pending: Sequence[int]) -> dict[str, str]:
@@ -142,6 +154,7 @@ def _run(
         error_lines = _error_records(output, plan.shard_count)
         atomic_write_text(output / ERRORS_FILE, "".join(line + "\n" for line in error_lines))
         rows = sum(pq.read_metadata(output / shard_name(i)).num_rows for i in range(plan.shard_count))
+        unknown = _count_unknown(output, plan) if "unknown" in plan.schema.names else None
         images_this_run = sum(len(plan.shard_range(shard)) for shard in pending)
         elapsed = time.perf_counter() - clock
         summary = ExtractionSummary(
@@ -161,6 +174,8 @@ def _run(
             duplicates_dropped=plan.inputs.duplicates_dropped,
             rows=rows,
             errors=len(error_lines),
+            unknown=unknown,
+            unknown_share=round(unknown / rows, 6) if unknown is not None and rows else None,
             shards=plan.shard_count,
             shards_skipped=len(done),
             shards_written=len(assembler.written),

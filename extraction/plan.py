@@ -72,7 +72,11 @@ def schema_for(identity: JobIdentity, manifest: Manifest) -> pa.Schema:
         "top_k": identity.top_k,
         "labels": manifest.labels,
     }
-    return shard_schema(manifest.embedding_dim, identity.top_k, identity.embedding_dtype, metadata)
+    if manifest.ood is not None:
+        metadata |= {"ood_method": manifest.ood.method, "ood_threshold": manifest.ood.threshold}
+    return shard_schema(
+        manifest.embedding_dim, identity.top_k, identity.embedding_dtype, metadata, ood=manifest.ood is not None
+    )
 
 
 def resolve_execution(config: ExtractionConfig, cuda_available: bool | None = None) -> ResolvedInference:

@@ -19,7 +19,8 @@ from models.predictor import Predictor
 
 class EmbeddingPredictor:
     """`{"index", "path", "pixels", "error"}` -> `{"index", "path", "error", "embedding", "topk_indices",
-    "topk_probabilities"}`. Rows whose `error` is set skip the model and get zero outputs."""
+    "topk_probabilities"}` (+ `"ood_score"`, `"unknown"` when the artifact has an OOD detector). Rows whose
+    `error` is set skip the model and get zero outputs."""
 
     def __init__(
         self,
@@ -42,6 +43,8 @@ class EmbeddingPredictor:
         embeddings = np.zeros((count, self.predictor.manifest.embedding_dim), dtype=self.embedding_dtype)
         topk_indices = np.zeros((count, self.top_k), dtype=np.int32)
         topk_probabilities = np.zeros((count, self.top_k), dtype=np.float32)
+        ood_scores = np.zeros(count, dtype=np.float64)
+        unknown = np.zeros(count, dtype=bool)
         if ok.any():
             pixels = np.asarray(batch["pixels"], dtype=np.float32)[ok]
             outputs = self.predictor.predict_batch(pixels)
@@ -49,7 +52,9 @@ class EmbeddingPredictor:
             best = self.predictor.top_k_indices(outputs.probabilities, self.top_k)
             topk_indices[ok] = best
             topk_probabilities[ok] = np.take_along_axis(outputs.probabilities, best, axis=1)
-        return {
+            if outputs.ood_scores is not None:
+                ood_scores[ok], unknown[ok] = outputs.ood_scores, outputs.unknown
+        columns = {
             "index": np.asarray(batch["index"], dtype=np.int64).reshape(-1),
             "path": np.asarray(batch["path"], dtype=object).reshape(-1),
             "error": errors,
@@ -57,3 +62,6 @@ class EmbeddingPredictor:
             "topk_indices": topk_indices,
             "topk_probabilities": topk_probabilities,
         }
+        if self.predictor.ood is not None:
+            columns |= {"ood_score": ood_scores, "unknown": unknown}
+        return columns

@@ -15,8 +15,11 @@ SCHEMA_VERSION = 1
 METADATA_KEY = b"transfer_serve.extraction"
 
 
-def shard_schema(embedding_dim: int, top_k: int, embedding_dtype: EmbeddingDType, metadata: dict | None = None) -> pa.Schema:
-    """The Parquet schema of every shard (see docs/EXTRACTION.md)."""
+def shard_schema(
+    embedding_dim: int, top_k: int, embedding_dtype: EmbeddingDType, metadata: dict | None = None, ood: bool = False
+) -> pa.Schema:
+    """The Parquet schema of every shard (see docs/EXTRACTION.md); `ood`: the artifact has an out-of-distribution
+    detector, so rows also get `ood_score` (float32) and `unknown` (bool)."""
     value_type = pa.float16() if embedding_dtype == "float16" else pa.float32()
     fields = [
         pa.field("index", pa.int64(), nullable=False),
@@ -29,6 +32,8 @@ def shard_schema(embedding_dim: int, top_k: int, embedding_dtype: EmbeddingDType
             "topk_probabilities", pa.list_(pa.field("element", pa.float32(), nullable=False), top_k), nullable=False
         ),
     ]
+    if ood:
+        fields += [pa.field("ood_score", pa.float32(), nullable=True), pa.field("unknown", pa.bool_(), nullable=False)]
     encoded = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()} if metadata else None
     return pa.schema(fields, metadata=encoded)
 
@@ -37,7 +42,7 @@ def build_shard_table(outputs: dict[str, np.ndarray], labels: Sequence[str], sch
     """One shard's rows from `EmbeddingPredictor` outputs (successful rows only), sorted by input index.
 
     `outputs` holds `index` (N,), `path` (N,), `embedding` (N, D), `topk_indices` (N, k) into `labels`
-    and `topk_probabilities` (N, k), best first.
+    and `topk_probabilities` (N, k), best first; with an OOD detector also `ood_score` (N,) and `unknown` (N,).
     """
     embedding_type = schema.field("embedding").type
     topk_labels_type = schema.field("topk_labels").type
@@ -62,4 +67,8 @@ def build_shard_table(outputs: dict[str, np.ndarray], labels: Sequence[str], sch
         pa.FixedSizeListArray.from_arrays(pa.array(topk_labels.reshape(-1), pa.string()), type=topk_labels_type),
         pa.FixedSizeListArray.from_arrays(pa.array(topk_probabilities.reshape(-1)), type=topk_probabilities_type),
     ]
+    if "ood_score" in schema.names:
+        scores = np.asarray(outputs["ood_score"], dtype=np.float32).reshape(-1)[order]
+        columns.append(pa.array(scores, pa.float32(), mask=~np.isfinite(scores)))  # non-finite outputs: null
+        columns.append(pa.array(np.asarray(outputs["unknown"], dtype=bool).reshape(-1)[order], pa.bool_()))
     return pa.Table.from_arrays(columns, schema=schema)

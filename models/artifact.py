@@ -1,4 +1,5 @@
-"""The versioned model artifact: a directory holding `manifest.json`, `model.ts` and `model.onnx`.
+"""The versioned model artifact: a directory holding `manifest.json`, `model.ts` and `model.onnx` (and
+`ood.npz` when an out-of-distribution detector was fitted at training time, see docs/OOD.md).
 
 The manifest is the contract between export and every consumer (service, batch job, evaluation):
 labels, preprocessing, embedding size, metrics, parity figures, library versions and the sha256 of
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from models.ood import OODSummary
 from models.preprocessing import Preprocessing
 
 FORMAT_VERSION = 1
@@ -60,6 +62,12 @@ class Manifest(BaseModel):
     onnx_opset: int
     files: dict[str, str] = Field(description="sha256 of every file in the artifact, by file name.")
     library_versions: dict[str, str]
+    ood: OODSummary | None = Field(
+        default=None,
+        description="The out-of-distribution detector fitted at training time (models/ood.py); its file, if any, is "
+        "listed in `files`. None for artifacts exported without one (before phase 2, or `--ood-method none`): "
+        "they load and serve, without an OOD score.",
+    )
 
     @property
     def num_classes(self) -> int:
@@ -127,6 +135,8 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
     for required in (TORCHSCRIPT_FILE, ONNX_FILE):
         if required not in manifest.files:
             raise ArtifactError(f"{directory}: manifest lists no hash for {required}")
+    if manifest.ood is not None and manifest.ood.file is not None and manifest.ood.file not in manifest.files:
+        raise ArtifactError(f"{directory}: manifest lists no hash for the OOD file {manifest.ood.file}")
     for name, expected in manifest.files.items():
         if Path(name).name != name:
             raise ArtifactError(f"{directory}: manifest names a file outside the artifact: {name!r}")

@@ -19,7 +19,7 @@ threshold at the ``target_rejection`` quantile of in-distribution scores (5% fla
 used for that quantile are out-of-sample: kNN scores each fitting point leave-one-out (a point is never
 its own neighbour) and Mahalanobis scores each point with class means and covariance fitted on the other
 folds (cross-fitting); MSP and energy fit no parameters. The fitted parameters are saved as one `ood.npz`
-(plain arrays, read back with ``allow_pickle=False``) and described by an `OODSummary` for the manifest.
+(plain arrays, read back with numpy's default ``allow_pickle=False``) and described by an `OODSummary` for the manifest.
 Scoring is numpy only: a few matrix products per batch, no second model call.
 """
 
@@ -320,7 +320,7 @@ class OODDetector:
         if not path.is_file():
             raise OODError(f"{path} is missing: the {summary.method} OOD detector cannot be loaded")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with np.load(path) as data:  # numpy's default allow_pickle=False: no object arrays are unpickled
                 stored = {name: data[name] for name in data.files}
         except (OSError, ValueError) as exc:
             raise OODError(f"{path} is not a readable OOD parameter file: {exc}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -10,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from models.artifact import ArtifactError, Manifest, load_artifact
+from models.ood import OODDetector, OODError
 from models.preprocessing import preprocess_batch
 from models.inference import InferenceOptions, cap_top_k, resolve_inference
 from models.runtimes import Runtime, load_runtime
@@ -30,6 +32,8 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 class Outputs:
     probabilities: np.ndarray  # (N, num_classes) float32
     embeddings: np.ndarray  # (N, embedding_dim) float32
+    ood_scores: np.ndarray | None = None  # (N,) float64, higher = more out-of-distribution; None: no detector
+    unknown: np.ndarray | None = None  # (N,) bool, ood_scores > the detector's threshold; None: no detector
 
 
 @dataclass(frozen=True)
@@ -38,13 +42,43 @@ class TopK:
     probabilities: list[float]
 
 
+@functools.cache
+def single_threaded_blas() -> None:
+    """Run numpy's BLAS on one thread in this process, once (called when a Predictor with an OOD detector is
+    built): right after a forward pass the runtime's threads still spin on every core, and a multi-threaded
+    BLAS product fighting them took many times longer (measured at 32 px, batch 32: +64% of predict_batch for a
+    24-row kNN reference with BLAS on 2 threads, +4% on one; docs/OOD.md#latency). Only numpy's BLAS is
+    limited (torch and ONNX Runtime keep their own thread pools); a per-call limit cost ~1.5 ms itself."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn's dependency; without it BLAS keeps its threads
+        return
+    threadpool_limits(limits=1, user_api="blas")
+
+
+def load_ood(directory: Path, manifest: Manifest) -> OODDetector | None:
+    """The artifact's OOD detector (its file already hash-checked by `load_artifact`), or None when the manifest
+    has none (an artifact from before the detector, or trained with `--ood-method none`)."""
+    if manifest.ood is None:
+        return None
+    try:
+        return OODDetector.load(directory, manifest.ood)
+    except OODError as exc:
+        raise ArtifactError(f"{directory}: {exc}; the artifact is refused") from None
+
+
 class Predictor:
     """One loaded artifact ready for inference: `predict(images)` runs one forward pass for the batch."""
 
-    def __init__(self, manifest: Manifest, runtime: Runtime, digest: str | None = None) -> None:
+    def __init__(
+        self, manifest: Manifest, runtime: Runtime, digest: str | None = None, ood: OODDetector | None = None
+    ) -> None:
         self.manifest = manifest
         self.runtime = runtime
         self.digest = digest
+        self.ood = ood
+        if ood is not None:
+            single_threaded_blas()
 
     @classmethod
     def from_artifact(
@@ -57,7 +91,10 @@ class Predictor:
         """Load (and verify) an artifact on the runtime, device and precision `options` resolve to; refuse it when
         its digest is not `expected_digest` (if given) or its manifest does not describe its network."""
         artifact = load_artifact(path, expected_digest)
-        predictor = cls(artifact.manifest, load_runtime(artifact, resolve_inference(options, cuda_available)), artifact.digest)
+        ood = load_ood(artifact.path, artifact.manifest)
+        predictor = cls(
+            artifact.manifest, load_runtime(artifact, resolve_inference(options, cuda_available)), artifact.digest, ood
+        )
         predictor.check_manifest_matches_network()
         return predictor
 
@@ -77,6 +114,15 @@ class Predictor:
                 f"{embeddings.shape[-1]}; the artifact is inconsistent and is refused"
             )
 
+        if self.ood is not None:
+            summary = self.ood.summary
+            if (summary.num_classes, summary.embedding_dim) != (self.manifest.num_classes, self.manifest.embedding_dim):
+                raise ArtifactError(
+                    f"the OOD detector was fitted on {summary.num_classes} classes and {summary.embedding_dim}-d "
+                    f"embeddings, not this model's {self.manifest.num_classes} and {self.manifest.embedding_dim}; "
+                    "the artifact is inconsistent and is refused"
+                )
+
     @property
     def labels(self) -> list[str]:
         return self.manifest.labels
@@ -85,8 +131,28 @@ class Predictor:
         return preprocess_batch(images, self.manifest.preprocessing)
 
     def predict_batch(self, batch: np.ndarray) -> Outputs:
+        """One forward pass; the OOD score (when the artifact has a detector) comes from the same pass's raw
+        logits and embeddings, with no second model call."""
         logits, embeddings = self.runtime(batch)
-        return Outputs(probabilities=softmax(logits.astype(np.float32)), embeddings=embeddings.astype(np.float32))
+        scores, unknown = self.ood_scores(logits, embeddings)
+        return Outputs(
+            probabilities=softmax(logits.astype(np.float32)),
+            embeddings=embeddings.astype(np.float32),
+            ood_scores=scores,
+            unknown=unknown,
+        )
+
+    def ood_scores(self, logits: np.ndarray, embeddings: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(scores, unknown flags) of one forward pass's outputs, or (None, None) without a detector. A row with
+        non-finite outputs (a reduced-precision overflow) scores NaN and is flagged unknown."""
+        if self.ood is None:
+            return None, None
+        logits, embeddings = np.asarray(logits), np.asarray(embeddings)
+        finite = np.isfinite(logits).all(axis=1) & np.isfinite(embeddings).all(axis=1)
+        scores = np.full(len(logits), np.nan)
+        if finite.any():
+            scores[finite] = self.ood.score(logits[finite], embeddings[finite])
+        return scores, ~finite | (scores > self.ood.threshold)
 
     def predict(self, images: Sequence[Image.Image]) -> Outputs:
         return self.predict_batch(self.preprocess(images))

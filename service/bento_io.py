@@ -38,6 +38,7 @@ from service.uploads import IMAGES_FIELD, ImageRequest, UploadLimits, read_image
 class ClassifyItem:
     image: Image.Image
     top_k: int
+    unknown_label: bool | None = None  # None: the server's setting (TRANSFER_SERVE_UNKNOWN_AS_LABEL)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class ClassifyInput(ImageBatchInput):
 
     @classmethod
     def from_image_request(cls, request: ImageRequest[ClassifyOptions]) -> "ClassifyInput":
-        return cls(images=[ClassifyItem(image, request.options.top_k) for image in request.images])
+        options = request.options
+        return cls(images=[ClassifyItem(image, options.top_k, options.unknown_label) for image in request.images])
 
 
 class EmbedInput(ImageBatchInput):

@@ -9,8 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.artifact import Manifest
 from models.inference import DEFAULT_TOP_K
+from models.ood import OODSummary
 from models.predictor import Predictor, TopK
 from models.preprocessing import Preprocessing
+
+UNKNOWN_LABEL = "unknown"
+"""The label /classify answers first for a flagged image when asked (`unknown_label`, TRANSFER_SERVE_UNKNOWN_AS_LABEL)."""
 
 # --- requests --------------------------------------------------------------------------------------------------
 
@@ -21,6 +25,11 @@ class ClassifyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     top_k: int = Field(DEFAULT_TOP_K, ge=1, description="Labels returned per image, capped at the number of classes.")
+    unknown_label: bool | None = Field(
+        None,
+        description=f"Answer the label '{UNKNOWN_LABEL}' first for an image the model's out-of-distribution detector "
+        "flags (default: the server's TRANSFER_SERVE_UNKNOWN_AS_LABEL). No effect for a model without a detector.",
+    )
 
 
 class EmbedOptions(BaseModel):
@@ -79,11 +88,21 @@ class ModelRef(BaseModel):
 
 class LabelScore(BaseModel):
     label: str
-    probability: float
+    probability: float | None = Field(description=f"null only for the label '{UNKNOWN_LABEL}' (it has no probability).")
 
 
 class ImagePrediction(BaseModel):
-    top_k: list[LabelScore] = Field(description="Most probable labels first.")
+    top_k: list[LabelScore] = Field(
+        description=f"Most probable labels first; with unknown_label, '{UNKNOWN_LABEL}' first for a flagged image."
+    )
+    ood_score: float | None = Field(
+        None,
+        description="Out-of-distribution score (higher = less like the training images; docs/OOD.md); null when "
+        "the model has no detector.",
+    )
+    unknown: bool | None = Field(
+        None, description="ood_score is above the model's threshold; null when the model has no detector."
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -93,9 +112,23 @@ class ClassifyResponse(BaseModel):
     predictions: list[ImagePrediction] = Field(description="One per image, in request order.")
 
     @classmethod
-    def for_image(cls, model: ModelRef, top: TopK) -> "ClassifyResponse":
+    def for_image(
+        cls,
+        model: ModelRef,
+        top: TopK,
+        ood_score: float | None = None,
+        unknown: bool | None = None,
+        unknown_as_label: bool = False,
+    ) -> "ClassifyResponse":
+        """One image's answer; `unknown_as_label` puts the label 'unknown' first (keeping top_k entries in all)
+        when the image is flagged. A NaN score (non-finite outputs) is answered as null."""
         scores = [LabelScore(label=label, probability=p) for label, p in zip(top.labels, top.probabilities)]
-        return cls(model=model, predictions=[ImagePrediction(top_k=scores)])
+        if unknown and unknown_as_label:
+            scores = [LabelScore(label=UNKNOWN_LABEL, probability=None)] + scores[: max(0, len(scores) - 1)]
+        if ood_score is not None and not np.isfinite(ood_score):
+            ood_score = None
+        prediction = ImagePrediction(top_k=scores, ood_score=ood_score, unknown=unknown)
+        return cls(model=model, predictions=[prediction])
 
     @classmethod
     def merge(cls, parts: Sequence["ClassifyResponse"]) -> "ClassifyResponse":
@@ -149,9 +182,17 @@ class ModelMetadata(BaseModel):
     metrics: dict[str, float] = Field(description="Held-out test metrics recorded at export.")
     runtime: dict[str, str] = Field(description="Runtime, device, precision or ONNX Runtime providers in use.")
     limits: RequestLimits
+    ood: OODSummary | None = Field(
+        None,
+        description="The out-of-distribution detector: method, threshold, target and measured rejection rates "
+        "(docs/OOD.md); null for a model without one.",
+    )
+    unknown_as_label: bool = Field(
+        False, description=f"Whether /classify answers '{UNKNOWN_LABEL}' first for flagged images by default."
+    )
 
     @classmethod
-    def describe(cls, predictor: Predictor, limits: RequestLimits) -> "ModelMetadata":
+    def describe(cls, predictor: Predictor, limits: RequestLimits, unknown_as_label: bool = False) -> "ModelMetadata":
         manifest = predictor.manifest
         return cls(
             model=ModelRef.of(manifest),
@@ -164,6 +205,8 @@ class ModelMetadata(BaseModel):
             metrics=manifest.metrics,
             runtime=predictor.runtime.describe(),
             limits=limits,
+            ood=manifest.ood,
+            unknown_as_label=unknown_as_label,
         )
 
 

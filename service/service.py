@@ -22,6 +22,7 @@ from service.bento_env import baked_envs
 from service.bento_io import ClassifyInput, ClassifyItem, ClassifyOutput, EmbedInput, EmbedItem, EmbedOutput
 from service.bentoml_compat import JSONErrorBody, bound_batch_wait, install_http_guards, install_in_worker
 from service.loading import load_predictor, served_preprocessing, warm_up
+from service.ood_metrics import OODMetrics
 from service.schemas import ClassifyResponse, EmbedResponse, ModelMetadata, ModelRef
 from service.request_guard import RequestGuard
 from service.settings import REQUEST_TIMEOUT_S, ServiceSettings
@@ -58,6 +59,8 @@ class TransferServe:
                 "decoded with; restart the server"
             )
         self.model = ModelRef.of(self.predictor.manifest)
+        ood = self.predictor.ood  # metrics are made here, in the worker (service/ood_metrics.py)
+        self.ood_metrics = OODMetrics(ood.threshold) if ood is not None else None
         self.ready = warm_up(self.predictor, settings.warmup_batches, settings.max_batch_size)
         self.shutting_down = threading.Event()
 
@@ -71,11 +74,21 @@ class TransferServe:
 
     @bentoml.api(input_spec=ClassifyInput.with_limits(limits), output_spec=ClassifyOutput, **BATCHING)
     def classify(self, images: list[ClassifyItem]) -> list[ClassifyResponse]:
-        """Top-k labels per image: files under `images` (multipart), or JSON `{"images": [base64], "top_k": 3}`."""
-        probabilities = self.predictor.predict([item.image for item in images]).probabilities
+        """Top-k labels per image, with its out-of-distribution score and `unknown` flag: files under `images`
+        (multipart), or JSON `{"images": [base64], "top_k": 3, "unknown_label": true}`."""
+        outputs = self.predictor.predict([item.image for item in images])
+        scores, unknown = outputs.ood_scores, outputs.unknown
+        if self.ood_metrics is not None:
+            self.ood_metrics.record(scores, unknown)
         return [
-            ClassifyResponse.for_image(self.model, self.predictor.top_k(row[None], item.top_k)[0])
-            for row, item in zip(probabilities, images)
+            ClassifyResponse.for_image(
+                self.model,
+                self.predictor.top_k(row[None], item.top_k)[0],
+                None if scores is None else float(scores[i]),
+                None if unknown is None else bool(unknown[i]),
+                settings.unknown_as_label if item.unknown_label is None else item.unknown_label,
+            )
+            for i, (row, item) in enumerate(zip(outputs.probabilities, images))
         ]
 
     @bentoml.api(input_spec=EmbedInput.with_limits(limits), output_spec=EmbedOutput, **BATCHING)
@@ -89,8 +102,8 @@ class TransferServe:
 
     @bentoml.api(route="/metadata")
     def metadata(self) -> ModelMetadata:
-        """Labels, backbone, version, test metrics, the runtime and device in use, and the request limits."""
-        return ModelMetadata.describe(self.predictor, settings.request_limits())
+        """Labels, backbone, version, test metrics, the OOD detector, the runtime and device in use, and the limits."""
+        return ModelMetadata.describe(self.predictor, settings.request_limits(), settings.unknown_as_label)
 
 
 TransferServe.add_asgi_middleware(RequestGuard, body_timeout_s=settings.body_timeout_s)  # outermost of ours

@@ -81,6 +81,11 @@ class ServiceSettings(InferenceFields):
         description="A request's body must be complete this long after the server starts reading it; else 408 "
         "and the connection is closed.",
     )
+    unknown_as_label: bool = Field(
+        False,
+        description="/classify answers the label 'unknown' first for images the model's out-of-distribution "
+        "detector flags, unless a request sets unknown_label (docs/OOD.md).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServiceSettings":

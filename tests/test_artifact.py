@@ -29,7 +29,7 @@ def test_parity_recorded_and_within_tolerance(artifact_dir):
 
 def test_manifest_records_files_versions_and_preprocessing(artifact_dir):
     manifest = load_artifact(artifact_dir).manifest
-    assert set(manifest.files) == {"model.ts", "model.onnx"}
+    assert set(manifest.files) == {"model.ts", "model.onnx", "ood.npz"}  # ood.npz: the kNN detector (docs/OOD.md)
     assert {"torch", "onnx", "python"} <= set(manifest.library_versions)
     assert manifest.embedding_dim == 1280 and manifest.onnx_opset >= 17
 

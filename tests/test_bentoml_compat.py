@@ -80,7 +80,7 @@ def test_input_documents_the_multipart_wire_body():
     assert bound.__name__ == "ClassifyInput" and bound.limits.max_images == 2 and issubclass(bound, ClassifyInput)
     assert bound.multipart_fields == ["images"] and bound.mime_type() == "multipart/form-data"
     components = bound.openapi_components("classify")
-    assert set(components["ClassifyInput"].properties) == {"images", "top_k"}  # the form, not the batch items
+    assert set(components["ClassifyInput"].properties) == {"images", "top_k", "unknown_label"}  # the form, not the batch items
 
 
 # --- 2. BentoML's client-error bodies, and the rewrite ------------------------------------------------------------

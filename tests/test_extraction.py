@@ -83,12 +83,13 @@ def test_output_reads_back_in_the_documented_schema(clean_run, artifact_dir: Pat
     assert shards == [shard_name(i) for i in range(4)]  # 62 inputs / 16 per shard
     manifest = Predictor.from_artifact(artifact_dir).manifest
     schema = pq.read_schema(output / shards[0])
-    assert schema.remove_metadata().equals(shard_schema(manifest.embedding_dim, 3, "float32"))
+    assert schema.remove_metadata().equals(shard_schema(manifest.embedding_dim, 3, "float32", ood=True))
     assert f'"artifact_version": "{manifest.version}"' in schema.metadata[METADATA_KEY].decode()
 
     frame = pd.read_parquet(output)  # the folder reads as one table: only the shards lack a '_' prefix
     assert list(frame.columns) == [
-        "index", "path", "embedding", "top1_label", "top1_probability", "topk_labels", "topk_probabilities"
+        "index", "path", "embedding", "top1_label", "top1_probability", "topk_labels", "topk_probabilities",
+        "ood_score", "unknown",  # the artifact has an OOD detector (docs/OOD.md)
     ]
     assert len(frame) == 60 and frame["index"].is_monotonic_increasing
     assert frame["embedding"].map(len).eq(manifest.embedding_dim).all()

@@ -161,6 +161,78 @@ def test_openapi_documents_every_endpoint(server):
     ]
 
 
+# --- out-of-distribution score (docs/OOD.md) ---------------------------------------------------------------------
+
+
+def test_ood_score_is_identical_over_http_in_the_batch_job_and_offline(server, digit_files, artifact_dir, tmp_path):
+    import pandas as pd
+
+    from extraction.config import ExtractionConfig
+    from extraction.job import run_extraction
+    from test_ood_integration import noise_images
+
+    noise = tmp_path / "noise.png"
+    noise_images(1)[0].save(noise)
+    paths = digit_files[:7] + [noise]  # the server takes 8 images per request
+    offline = Predictor.from_artifact(artifact_dir).predict([load_image(p) for p in paths])
+    served = server.post("/classify", files=upload(paths), data={"top_k": "2"}).json()["predictions"]
+    inputs = tmp_path / "inputs.csv"
+    inputs.write_text("path\n" + "".join(f"{p}\n" for p in paths))
+    run_extraction(ExtractionConfig(artifact=artifact_dir, input=inputs, output=tmp_path / "out", workers=0,
+                                    show_progress=False))
+    rows = pd.read_parquet(tmp_path / "out").set_index("path").loc[[str(p.resolve()) for p in paths]]
+    np.testing.assert_allclose([p["ood_score"] for p in served], offline.ood_scores, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(rows["ood_score"].to_numpy(), offline.ood_scores, rtol=0, atol=1e-5)
+    assert [p["unknown"] for p in served] == rows["unknown"].tolist() == offline.unknown.tolist()
+
+
+def test_unknown_label_metadata_and_metrics(server, digit_files, artifact_dir):
+    manifest = Predictor.from_artifact(artifact_dir).manifest
+    assert server.post("/metadata").json()["ood"] == manifest.ood.model_dump(mode="json")
+    before = _ood_metrics(server)
+    paths = digit_files[:4]
+    plain = server.post("/classify", files=upload(paths), data={"top_k": "2"}).json()["predictions"]
+    asked = server.post("/classify", files=upload(paths), data={"top_k": "2", "unknown_label": "true"}).json()
+    for original, answer in zip(plain, asked["predictions"]):
+        if original["unknown"]:
+            assert answer["top_k"] == [{"label": "unknown", "probability": None}, original["top_k"][0]]
+        else:
+            assert answer["top_k"] == original["top_k"]
+    after = _ood_metrics(server)
+    assert after["count"] - before["count"] == 2 * len(paths)  # every image /classify scored
+    assert after["flagged"] - before["flagged"] == 2 * sum(p["unknown"] for p in plain)
+    bad = server.post("/classify", files=upload(paths[:1]), data={"unknown_label": "yes"})
+    assert bad.status_code == 400 and bad.json()["error"].startswith("unknown_label: Input should be a valid boolean")
+
+
+def _ood_metrics(server: httpx.Client) -> dict[str, float]:
+    text = server.get("/metrics").text
+    values = {}
+    for key, pattern in (("count", r"^transfer_serve_ood_score_count(?:{[^}]*})? (\S+)$"),
+                         ("flagged", r"^transfer_serve_ood_flagged_total(?:{[^}]*})? (\S+)$")):
+        found = re.findall(pattern, text, flags=re.M)
+        values[key] = sum(float(v) for v in found)
+    assert re.search(r"^transfer_serve_ood_score_bucket{le=", text, flags=re.M), "no OOD score histogram in /metrics"
+    return values
+
+
+def test_an_old_artifact_without_ood_data_serves_without_a_score(artifact_dir, tmp_path, digit_files):
+    """The one extra server of the OOD tests: an artifact exported before the detector, with the unknown label on."""
+    from test_ood_integration import strip_ood
+
+    old = strip_ood(artifact_dir, tmp_path / "old")
+    (tmp_path / "home").mkdir()
+    with running_server(old, tmp_path / "home", TRANSFER_SERVE_WARMUP_BATCHES="1",
+                        TRANSFER_SERVE_UNKNOWN_AS_LABEL="true") as client:
+        assert client.post("/metadata").json()["ood"] is None
+        response = client.post("/classify", files=upload(digit_files[:2]), data={"top_k": "2"})
+        assert response.status_code == 200, response.text
+        for prediction in response.json()["predictions"]:
+            assert prediction["ood_score"] is None and prediction["unknown"] is None
+            assert "unknown" not in [s["label"] for s in prediction["top_k"]]
+        assert "transfer_serve_ood_score" not in client.get("/metrics").text
+
+
 # --- batching ----------------------------------------------------------------------------------------------------
 
 

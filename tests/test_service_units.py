@@ -227,7 +227,7 @@ def test_multipart_request_parsed_into_images_and_options():
     client = _parsing_app(ClassifyOptions)
     files = [("images", ("a.png", PNG, "image/png")), ("images", ("b.png", PNG, "image/png"))]
     response = client.post("/", files=files, data={"top_k": "2"})
-    assert response.json() == {"sizes": [[12, 10], [12, 10]], "options": {"top_k": 2}}
+    assert response.json() == {"sizes": [[12, 10], [12, 10]], "options": {"top_k": 2, "unknown_label": None}}
 
 
 @pytest.mark.parametrize(

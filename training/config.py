@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.ood import DEFAULT_METHOD, DEFAULT_TARGET_REJECTION, OODMethod
 from models.preprocessing import Preprocessing
 from models.registry import DEFAULT_BACKBONE, get_spec
 
@@ -42,6 +43,15 @@ class TrainConfig(BaseModel):
     resume: bool = Field(default=False, description="Continue the run in --output from its last checkpoint.")
     export: bool = Field(default=True, description="Export the artifact at the end.")
     name: str | None = Field(default=None, description="Model name in the artifact; default: the data folder's name.")
+    ood_method: OODMethod | Literal["none"] = Field(
+        default=DEFAULT_METHOD,
+        description="Out-of-distribution score fitted on the validation split (knn | mahalanobis | energy | msp; "
+        "'none': no detector). See docs/OOD.md.",
+    )
+    ood_target_rejection: float = Field(
+        default=DEFAULT_TARGET_REJECTION, ge=0, lt=1,
+        description="Share of in-distribution images the OOD threshold flags as unknown.",
+    )
 
     def preprocessing(self) -> Preprocessing:
         """The backbone's pretrained preprocessing at this run's image size: what training and export use."""

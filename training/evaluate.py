@@ -1,4 +1,6 @@
-"""Held-out evaluation: accuracy, macro-F1, per-class precision/recall, confusion matrix, calibration."""
+"""Held-out evaluation: accuracy, macro-F1, per-class precision/recall, confusion matrix, calibration, and
+(for an artifact with an out-of-distribution detector) the share flagged unknown and, against a folder of
+foreign images, AUROC / FPR@95%TPR with a histogram of the two score distributions."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from typing import TYPE_CHECKING, BinaryIO, Sequence
 import numpy as np
 from pydantic import BaseModel
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+from models.ood import OODEvaluation, evaluate_ood
 
 if TYPE_CHECKING:
     from models.predictor import Predictor
@@ -30,6 +34,11 @@ class EvaluationReport(BaseModel):
     per_class: dict[str, ClassMetrics]
     confusion_matrix: list[list[int]]
     """Rows: true label, columns: predicted label, in `labels` order."""
+    ood_flagged_share: float | None = None
+    """Share of these (in-distribution) images the artifact's OOD detector flags unknown (≈ its target rate);
+    None when not measured (no detector, or a training run's report)."""
+    ood: OODEvaluation | None = None
+    """These images (ID) against a folder of out-of-distribution images (`evaluate --ood DIR`)."""
 
     def headline(self) -> dict[str, float]:
         return {
@@ -94,28 +103,94 @@ def save_confusion_matrix_png(report: EvaluationReport, path: Path | BinaryIO) -
     return path
 
 
-def evaluate_artifact(
-    predictor: "Predictor", records: Sequence["ImageRecord"], batch_size: int = 32
-) -> tuple[EvaluationReport, list["SkippedImage"]]:
-    """Run an exported model over labelled records exactly as the service would, and score it."""
+def predict_files(
+    predictor: "Predictor", paths: Sequence[Path], batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray | None, list[int], list["SkippedImage"]]:
+    """Run an exported model over image files exactly as the service would: (probabilities, OOD scores or None,
+    indices of the paths that were read, unreadable images)."""
     from models.decoding import ImageDecodeError, load_image
-    from training.data import DataError, SkippedImage
+    from training.data import SkippedImage
+
+    probabilities, scores, kept, skipped = [], [], [], []
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                images.append(load_image(paths[i], preprocessing=predictor.manifest.preprocessing))
+                kept.append(i)
+            except ImageDecodeError as exc:
+                skipped.append(SkippedImage(path=paths[i], reason=str(exc)))
+        if images:
+            outputs = predictor.predict(images)
+            probabilities.append(outputs.probabilities)
+            scores.append(outputs.ood_scores)
+    if not probabilities:
+        return np.zeros((0, len(predictor.labels)), np.float32), None, kept, skipped
+    ood_scores = None if predictor.ood is None else np.concatenate(scores)
+    return np.concatenate(probabilities), ood_scores, kept, skipped
+
+
+def evaluate_artifact(
+    predictor: "Predictor",
+    records: Sequence["ImageRecord"],
+    batch_size: int = 32,
+    ood_images: Sequence[Path] | None = None,
+    ood_histogram_png: Path | None = None,
+) -> tuple[EvaluationReport, list["SkippedImage"]]:
+    """Run an exported model over labelled records exactly as the service would, and score it. With an OOD
+    detector, the report gives the share of these images flagged unknown; `ood_images` (foreign images) adds
+    AUROC, FPR@95%TPR and the shares flagged at the artifact's threshold, and `ood_histogram_png` the plot of
+    both score distributions."""
+    from training.data import DataError
 
     unknown = sorted({r.label for r in records} - set(predictor.labels))
     if unknown:
         raise DataError(f"labels not known to the model: {unknown}; the model knows {predictor.labels}")
+    if ood_images is not None and predictor.ood is None:
+        raise DataError("the artifact has no out-of-distribution detector (exported without one), so --ood cannot "
+                        "be evaluated; retrain with --ood-method knn")
     index = {label: i for i, label in enumerate(predictor.labels)}
-    probabilities, targets, skipped = [], [], []
-    for start in range(0, len(records), batch_size):
-        images = []
-        for record in records[start : start + batch_size]:
-            try:
-                images.append(load_image(record.path, preprocessing=predictor.manifest.preprocessing))
-                targets.append(index[record.label])
-            except ImageDecodeError as exc:
-                skipped.append(SkippedImage(path=record.path, reason=str(exc)))
-        if images:
-            probabilities.append(predictor.predict(images).probabilities)
-    if not probabilities:
+    probabilities, id_scores, kept, skipped = predict_files(predictor, [r.path for r in records], batch_size)
+    if not kept:
         raise DataError("none of the images could be read")
-    return evaluate_predictions(np.concatenate(probabilities), targets, predictor.labels), skipped
+    report = evaluate_predictions(probabilities, [index[records[i].label] for i in kept], predictor.labels)
+    if id_scores is not None:
+        report.ood_flagged_share = float((id_scores > predictor.ood.threshold).mean())
+    if ood_images is not None:
+        _, ood_scores, ood_kept, ood_skipped = predict_files(predictor, list(ood_images), batch_size)
+        skipped += ood_skipped
+        if not ood_kept:
+            raise DataError("none of the out-of-distribution images could be read")
+        report.ood = evaluate_ood(id_scores, ood_scores, predictor.ood.threshold)
+        if ood_histogram_png is not None:
+            save_ood_histogram_png(id_scores, ood_scores, predictor.ood.threshold, ood_histogram_png)
+    return report, skipped
+
+
+def save_ood_histogram_png(
+    id_scores: np.ndarray, ood_scores: np.ndarray, threshold: float, path: Path | BinaryIO
+) -> Path | BinaryIO:
+    """Both OOD score distributions (ID and OOD images) on shared bins, with the threshold marked, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    id_scores = np.asarray(id_scores, dtype=np.float64)
+    ood_scores = np.asarray(ood_scores, dtype=np.float64)
+    both = np.concatenate([id_scores, ood_scores, [threshold]])
+    both = both[np.isfinite(both)]
+    bins = np.linspace(both.min(), both.max(), 41) if both.max() > both.min() else 10
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.hist(id_scores[np.isfinite(id_scores)], bins=bins, alpha=0.6, density=True,
+              label=f"in-distribution (n={len(id_scores)})")
+    axes.hist(ood_scores[np.isfinite(ood_scores)], bins=bins, alpha=0.6, density=True,
+              label=f"out-of-distribution (n={len(ood_scores)})")
+    axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+    axes.set_xlabel("OOD score (higher = more out-of-distribution)")
+    axes.set_ylabel("density")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100, format="png")
+    plt.close(figure)
+    return path

@@ -31,6 +31,7 @@ from models.artifact import (
     write_manifest,
 )
 from models.network import TransferNet, build_network
+from models.ood import OODDetector, OODError, OODSummary
 from models.preprocessing import Preprocessing, eval_transform
 from training.data import ImageDataset
 from training.run_dir import RunDir
@@ -131,8 +132,13 @@ def export_artifact(
     version: str | None = None,
     metrics: dict[str, float] | None = None,
     tolerance: float = PARITY_TOLERANCE,
+    ood: OODSummary | None = None,
+    ood_source: Path | None = None,
 ) -> Artifact:
-    """Write TorchScript, ONNX and manifest to `output` (which must not exist) after checking parity."""
+    """Write TorchScript, ONNX and manifest to `output` (which must not exist) after checking parity.
+
+    `ood`: the run's out-of-distribution detector summary; its file (if any) is copied from `ood_source` (the
+    run folder), hashed into `manifest.files` like the model files, and checked to load for this network."""
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"artifact directory already exists: {output}")
@@ -146,6 +152,7 @@ def export_artifact(
         export_torchscript(model, parity_batch[:1], staging / TORCHSCRIPT_FILE)
         export_onnx(model, parity_batch[:2] if len(parity_batch) > 1 else parity_batch, staging / ONNX_FILE)
         parity = check_parity(model, staging / TORCHSCRIPT_FILE, staging / ONNX_FILE, parity_batch, tolerance)
+        files = [TORCHSCRIPT_FILE, ONNX_FILE] + _copy_ood(ood, ood_source, staging, len(labels), model)
         manifest = Manifest(
             name=name,
             version=version or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
@@ -156,8 +163,9 @@ def export_artifact(
             metrics=metrics or {},
             parity=parity,
             onnx_opset=ONNX_OPSET,
-            files={f: sha256_file(staging / f) for f in (TORCHSCRIPT_FILE, ONNX_FILE)},
+            files={f: sha256_file(staging / f) for f in files},
             library_versions=library_versions(),
+            ood=ood,
         )
         write_manifest(staging, manifest)
         staging.rename(output)
@@ -168,8 +176,31 @@ def export_artifact(
     return load_artifact(output)
 
 
+def _copy_ood(ood: OODSummary | None, source: Path | None, staging: Path, num_classes: int, model: TransferNet) -> list[str]:
+    """Copy the detector's file into the staging artifact; the file names to hash. Refuses a detector that does
+    not belong to this network or does not load."""
+    if ood is None:
+        return []
+    if (ood.num_classes, ood.embedding_dim) != (num_classes, model.backbone.embedding_dim):
+        raise ValueError(
+            f"the OOD detector was fitted on {ood.num_classes} classes and {ood.embedding_dim}-d embeddings, "
+            f"not this model's {num_classes} and {model.backbone.embedding_dim}"
+        )
+    if ood.file is None:
+        return []
+    if source is None:
+        raise ValueError(f"the OOD detector's file {ood.file} needs a source folder to copy it from")
+    shutil.copyfile(Path(source) / ood.file, staging / ood.file)
+    try:
+        OODDetector.load(staging, ood)
+    except OODError as exc:
+        raise ValueError(f"the run's OOD detector cannot be exported: {exc}") from None
+    return [ood.file]
+
+
 def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Export a run's best weights with its labels, preprocessing and test metrics; parity on test images."""
+    """Export a run's best weights with its labels, preprocessing, test metrics and OOD detector (if the run
+    fitted one); parity on test images."""
     run = RunDir(run_dir)
     run.require_finished()
     checkpoint = run.load_checkpoint()
@@ -191,5 +222,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         name=config.name or Path(config.data).stem,
         metrics={f"test_{k}": v for k, v in test.headline().items()}
         | {"best_val_accuracy": max(h.val_accuracy for h in checkpoint.history)},
+        ood=run.load_ood_summary(),
+        ood_source=run.root,
     )
     return output

@@ -4,8 +4,9 @@ A run directory holds everything a run produces, so an interrupted run resumes f
 `splits.csv` (the exact train/val/test split), `skipped.json` (unreadable images and why),
 `checkpoint.pt` (last epoch: model, optimizer, scheduler, history and the run's configuration), `best.pt`
 (best validation weights), `model.pt` (best weights with the fitted softmax temperature folded in: what
-is tested and exported), `calibration.json`, `history.json`, `test_report.json`, `confusion_matrix.png`
-and the exported `artifact/`. Every file is written atomically (`models.files.atomic_write`): a crash
+is tested and exported), `calibration.json`, `history.json`, `test_report.json`, `confusion_matrix.png`,
+the out-of-distribution detector fitted on the final model (`ood.json`, its summary, and `ood.npz`, its
+arrays, when the method has any) and the exported `artifact/`. Every file is written atomically (`models.files.atomic_write`): a crash
 leaves the previous version or the new one, never half of one.
 """
 
@@ -20,6 +21,7 @@ import torch
 from pydantic import BaseModel, TypeAdapter
 
 from models.files import atomic_write, atomic_write_bytes, atomic_write_text
+from models.ood import OOD_FILE, OODDetector, OODSummary
 from training.config import TrainConfig
 from training.data import DataError, SkippedImage, Splits, read_csv_manifest, split_records, write_csv_manifest
 from training.evaluate import EvaluationReport, save_confusion_matrix_png
@@ -138,6 +140,8 @@ class RunDir:
     history = RunFile("history.json")  # one `EpochRecord` per epoch
     test_report = RunFile("test_report.json")  # the held-out test `EvaluationReport`
     confusion_matrix_png = RunFile("confusion_matrix.png")  # the test confusion matrix
+    ood_summary = RunFile("ood.json")  # the fitted OOD detector's `OODSummary` (absent: no detector)
+    ood_parameters = RunFile(OOD_FILE)  # its arrays (knn reference, mahalanobis means/precision)
     artifact = RunFile("artifact")  # the exported artifact folder
 
     # --- state of the run ------------------------------------------------------------------------------------
@@ -210,3 +214,20 @@ class RunDir:
 
     def load_test_report(self) -> EvaluationReport:
         return EvaluationReport.model_validate_json(self.test_report.read_text())
+
+    def save_ood(self, detector: OODDetector | None) -> None:
+        """The detector's arrays, then its summary (the summary's presence marks a detector); None removes both."""
+        self.ood_summary.unlink(missing_ok=True)
+        self.ood_parameters.unlink(missing_ok=True)
+        if detector is None:
+            return
+        written = detector.save(self.root)
+        if written not in ([], [self.ood_parameters.name]):
+            raise RuntimeError(f"OOD detector wrote unexpected files {written}")
+        atomic_write_text(self.ood_summary, detector.summary.model_dump_json(indent=2))
+
+    def load_ood_summary(self) -> OODSummary | None:
+        """The run's OOD summary, or None for a run without a detector (older runs, `--ood-method none`)."""
+        if not self.ood_summary.exists():
+            return None
+        return OODSummary.model_validate_json(self.ood_summary.read_text())

@@ -36,6 +36,7 @@ from training.data import (
 )
 from training.evaluate import EvaluationReport, evaluate_predictions
 from training.export import export_run
+from training.ood_fit import fit_run_ood
 from training.run_dir import Checkpoint, EpochRecord, RunDir
 from training.strategies import enter_train_mode, group_learning_rates, set_trainable, trainable_group_count
 
@@ -289,7 +290,8 @@ def run_epochs(
 
 
 def calibrate_and_test(config: TrainConfig, run: RunDir, setup: TrainingSetup) -> EvaluationReport:
-    """Best weights, temperature fitted on validation and folded in (`model.pt`), then the held-out test."""
+    """Best weights, temperature fitted on validation and folded in (`model.pt`), the OOD detector fitted on
+    validation outputs of that final model (`training.ood_fit`), then the held-out test."""
     model, device = setup.model, setup.device
     model.load_state_dict(run.load_best_weights(device))
     val_logits, val_targets = predict_loader(model, _loader(setup.val_set, config, False, 0), device)
@@ -297,6 +299,7 @@ def calibrate_and_test(config: TrainConfig, run: RunDir, setup: TrainingSetup) -
     fold_temperature(model, temperature)
     run.save_final_weights(model.state_dict())
     run.save_calibration(temperature)
+    fit_run_ood(config, run, model, _loader(setup.val_set, config, False, 0), device)  # on the final model, fp32
 
     test_logits, test_targets = predict_loader(model, _loader(setup.test_set, config, False, 0), device)
     test = evaluate_predictions(_probabilities(test_logits), test_targets.numpy(), setup.labels)
