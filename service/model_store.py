@@ -44,7 +44,7 @@ def import_artifact(path: str | Path, name: str | None = None) -> bentoml.Model:
         if existing.info.metadata.get("files") != manifest.files:
             raise ArtifactError(f"the model store already holds a different model tagged {tag}")
         return existing
-    with bentoml.models.create(tag, labels=STORE_LABELS, metadata=manifest.model_dump(mode="json")) as model:
+    with bentoml.models.create(tag, labels=STORE_LABELS, metadata=manifest.model_dump(mode="json", exclude_none=True)) as model:
         for file_name in [MANIFEST_FILE, *manifest.files]:
             shutil.copy2(artifact.path / file_name, model.path_of(file_name))
     return bentoml.models.get(tag)
