@@ -114,6 +114,7 @@ def train(
     test_fraction: Optional[float] = _option("test_fraction"),
     patience: int = _option("patience"),
     workers: int = _option("workers"),
+    threads: Optional[int] = _option("threads"),
     seed: int = _option("seed"),
     device: str = _option("device"),
     resume: bool = _option("resume"),

@@ -86,6 +86,8 @@ class TrainConfig(BaseModel):
     seed: int = Field(default=0, description="Seed for the split, initialisation, shuffling and augmentation.")
     patience: int = Field(default=5, ge=1, description="Validations without improvement before stopping.")
     workers: int = Field(default=2, ge=0, description="Threads that decode images (once, into the in-memory cache).")
+    threads: int | None = Field(default=None, ge=1, description="CPU threads for training (default: the faster of 1 "
+                                "and all, measured by the speed probe; a busy shared CPU often trains faster with 1).")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto | cpu | cuda.")
     resume: bool = Field(default=False, description="Continue the run in --output from its last checkpoint.")
     export: bool = Field(default=True, description="Export the artifact at the end.")

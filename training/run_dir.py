@@ -68,13 +68,16 @@ class RunPlan(BaseModel):
     """Measured by the speed probe at `train_image_size` (None: no probe)."""
     estimated_seconds: float | None = None
     reason: str = ""
+    threads: int | None = None
+    """CPU intra-op threads the run trains with (chosen by the speed probe unless --threads sets them)."""
 
     def describe(self) -> str:
         refit = (f", then a refit on train+val ({self.refit_images} images) for the chosen step count scaled to it "
                  f"(<= {math.ceil(self.steps * self.refit_images / max(1, self.train_images))} steps)") if self.refit else ""
         estimate = f"; estimated {_duration(self.estimated_seconds)}" if self.estimated_seconds is not None else ""
         budget = f" of a {_duration(self.time_budget_seconds)} budget" if self.time_budget_seconds else ""
-        probe = f" (probe: {self.seconds_per_step:.2f} s/step)" if self.seconds_per_step is not None else ""
+        probe = f" (probe: {self.seconds_per_step:.2f} s/step" if self.seconds_per_step is not None else ""
+        probe += (f", {self.threads} thread{'s' if self.threads > 1 else ''})" if self.threads else ")") if probe else ""
         return (f"plan: {self.steps} steps of {self.batch_size} at {self.train_image_size} px on {self.train_images} "
                 f"images, validating every {self.eval_every} steps on {self.val_images}{refit}; serving at "
                 f"{self.image_size} px; test split {self.test_images} images{estimate}{budget}{probe}"

@@ -359,6 +359,26 @@ def _probe_eval_seconds_per_image(model: TransferNet, val: CachedImages, preproc
     return (time.perf_counter() - started) / len(sample)
 
 
+def _choose_threads(config: TrainConfig, model: TransferNet, train: CachedImages, preprocessing: Preprocessing,
+                    side: int, device: torch.device, criterion: nn.Module, show_progress: bool) -> int:
+    """`config.threads`, or the faster of 1 and all intra-op threads, measured: on a shared CPU, threads that wait
+    on each other can cost several times their gain (10x measured at load 10 on 2 cores)."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+        return config.threads
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return 1
+    many = _probe_seconds_per_step(config, model, train, preprocessing, side, device, criterion)
+    torch.set_num_threads(1)
+    single = _probe_seconds_per_step(config, model, train, preprocessing, side, device, criterion)
+    chosen = 1 if single < many else threads
+    torch.set_num_threads(chosen)
+    if show_progress:
+        tqdm.write(f"speed probe: {many:.2f} s/step with {threads} threads, {single:.2f} with 1: training with {chosen}")
+    return chosen
+
+
 def plan_run(config: TrainConfig, splits: Splits, seconds_so_far: float = 0.0, probe=None) -> RunPlan:
     """Steps, training resolution and validation interval: what the data asks for, fitted into the time budget.
 
@@ -439,31 +459,20 @@ def build_model_and_optimizer(
 
     if run is not None and config.resume and run.plan.exists():
         plan = run.load_plan()
+        if plan.threads:
+            torch.set_num_threads(plan.threads)
     else:
         side0 = config.train_image_size or config.default_train_image_size()
+        threads = _choose_threads(config, model, train_cache(side0), preprocessing, side0, device, criterion,
+                                  show_progress) if device.type == "cpu" else None
 
         def probe(side: int) -> tuple[float, float]:
-            cached = train_cache(side)
-            seconds = _probe_seconds_per_step(config, model, cached, preprocessing, side, device, criterion)
-            threads = torch.get_num_threads()
-            if device.type == "cpu" and threads > 1:
-                # On a shared CPU, intra-op threads that wait on each other can cost several times their
-                # gain (measured 10x at load 10 on 2 cores): keep the faster of 1 and `threads`.
-                torch.set_num_threads(1)
-                single = _probe_seconds_per_step(config, model, cached, preprocessing, side, device, criterion)
-                if single < seconds:
-                    seconds = single
-                    if show_progress:
-                        tqdm.write(f"speed probe: 1 thread {single:.2f} s/step beats {threads} threads; training "
-                                   "with 1 (the CPU is busy)")
-                else:
-                    torch.set_num_threads(threads)
-            return seconds, _probe_eval_seconds_per_image(model, val_set, preprocessing, device)
+            return (_probe_seconds_per_step(config, model, train_cache(side), preprocessing, side, device, criterion),
+                    _probe_eval_seconds_per_image(model, val_set, preprocessing, device))
 
         needs_probe = config.time_budget_seconds() is not None
-        if needs_probe:
-            train_cache(side0)
         plan = plan_run(config, splits, time.perf_counter() - started, probe if needs_probe else None)
+        plan.threads = threads
         if run is not None:
             run.save_plan(plan)
     if show_progress:
