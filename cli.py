@@ -147,6 +147,14 @@ def _report_training(result) -> None:
     test = result.test
     if result.skipped:
         typer.echo(f"skipped {len(result.skipped)} unreadable images (listed in {RunDir(result.run_dir).skipped})")
+    if test.source == "none":
+        typer.echo(f"no held-out estimate: {test.note}")
+        typer.echo(f"run directory: {result.run_dir}")
+        if result.artifact:
+            from models.artifact import manifest_digest
+
+            typer.echo(f"artifact: {result.artifact}  (digest {manifest_digest(result.artifact)})")
+        return
     low, high = test.accuracy_ci95 or (0.0, 1.0)
     chosen = f"best validation at step {result.best_step}" + (
         f", refit on train+val for {result.refit_steps} steps" if result.refit_steps else "")

@@ -107,19 +107,32 @@ def test_report_carries_image_count_and_interval(trained_run):
     assert manifest.parity.top1_agreement == 1.0  # exported from the refit, parity checked
 
 
-def test_without_a_test_split_the_cli_says_so_with_the_interval(digits_dir, tmp_path):
-    out = tmp_path / "run"
+def test_too_small_to_hold_anything_out_the_cli_says_so(digits_dir, tmp_path):
+    out = tmp_path / "run"  # 60 images: no test split, 9 validation images (< 50): no selection run
     args = ["train", "--data", str(digits_dir), "--output", str(out), "--weights", "none", "--image-size", "32",
-            "--steps", "2", "--eval-every", "1", "--batch-size", "16", "--workers", "0", "--time-budget", "none",
+            "--steps", "2", "--batch-size", "16", "--workers", "0", "--time-budget", "none", "--threads", "1",
             "--no-horizontal-flip"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "NO test split" in result.output and "95% CI" in result.output
+    assert "no held-out estimate" in result.output and "too few" in result.output
     report = json.loads((out / "test_report.json").read_text())
-    assert report["source"] == "validation" and report["images"] == 9 and "no test split" in report["note"]
-    assert (out / "artifact" / "manifest.json").exists()
+    assert report["source"] == "none" and report["images"] == 0 and report["accuracy_ci95"] == [0.0, 1.0]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["select"] is False and plan["refit_images"] == 60 and plan["steps"] == 2
+    assert not (out / "best.pt").exists() and (out / "refit.pt").exists()
     metrics = json.loads((out / "artifact" / "manifest.json").read_text())["metrics"]
-    assert metrics["val_images"] == 9 and "test_accuracy" not in metrics
+    assert metrics == {"held_out_images": 0.0, "best_val_accuracy": 0.0}
+
+
+def test_without_a_test_split_the_validation_estimate_is_reported_with_its_interval(digits_dir, tmp_path):
+    from training.trainer import train
+
+    result = train(tiny_config(digits_dir, tmp_path / "run", test_fraction=0, steps=2, eval_every=1, export=False),
+                   show_progress=False)
+    report = json.loads((result.run_dir / "test_report.json").read_text())
+    assert report["source"] == "validation" and report["images"] == 9 and "no test split" in report["note"]
+    low, high = report["accuracy_ci95"]
+    assert low <= report["accuracy"] <= high and high - low > 0.2  # 9 images say little, and the interval says so
 
 
 def test_time_budget_bounds_a_small_run(digits_dir, tmp_path):

@@ -58,6 +58,8 @@ class TrainConfig(BaseModel):
                                     "(e.g. 90s, 5m; 'none': no limit), from a measured speed probe.")
     refit: bool = Field(default=True, description="After choosing the step count on validation, retrain on "
                         "train+val for that many steps (scaled to the larger set) and export that model.")
+    min_val_images: int = Field(default=50, ge=1, description="With fewer validation images than this, a chosen step "
+                                "count would be noise: no selection run; every labelled image trains for the budget's steps.")
     # --- the recipe ------------------------------------------------------------------------------------------
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-3, gt=0, description="Learning rate of the head; lower groups get less.")
@@ -131,7 +133,7 @@ class TrainConfig(BaseModel):
 
 LEGACY_OPTIONS = dict(
     epochs=8, lr=2e-3, lr_spread=10.0, weight_decay=0.01, patience=3, freeze_bn=False, refit=False,
-    test_fraction=0.15, crop_min_scale=0.5, warmup_fraction=0.1, time_budget="none",
+    test_fraction=0.15, crop_min_scale=0.5, warmup_fraction=0.1, time_budget="none", min_val_images=1,
 )
 """The defaults before 2026-11-27 (with `train_image_size` = the serving size, set by `legacy_options`)."""
 

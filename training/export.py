@@ -185,7 +185,9 @@ def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     test = run.load_test_report()
     prefix = "test_" if test.source == "test" else "val_"
     estimate = {f"{prefix}{k}": v for k, v in test.headline().items()} | {f"{prefix}images": float(test.images)}
-    if test.accuracy_ci95 is not None:
+    if test.source == "none":  # no held-out image at all: nothing to claim
+        estimate = {"held_out_images": 0.0}
+    elif test.accuracy_ci95 is not None:
         estimate |= {f"{prefix}accuracy_ci95_low": test.accuracy_ci95[0], f"{prefix}accuracy_ci95_high": test.accuracy_ci95[1]}
     output = Path(output) if output else run.artifact
     export_artifact(

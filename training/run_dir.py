@@ -61,6 +61,8 @@ class RunPlan(BaseModel):
     test_images: int
     refit: bool
     refit_images: int
+    select: bool = True
+    """False: too few validation images to choose a step count; one run on train+val for `steps`."""
     budget_steps: int
     """What the data asked for before the time budget."""
     time_budget_seconds: float | None = None
@@ -72,6 +74,14 @@ class RunPlan(BaseModel):
     """CPU intra-op threads the run trains with (chosen by the speed probe unless --threads sets them)."""
 
     def describe(self) -> str:
+        if not self.select:
+            estimate = f"; estimated {_duration(self.estimated_seconds)}" if self.estimated_seconds is not None else ""
+            budget = f" of a {_duration(self.time_budget_seconds)} budget" if self.time_budget_seconds else ""
+            probe = f" (probe: {self.seconds_per_step:.2f} s/step, {self.threads or '?'} thread(s))" if self.seconds_per_step else ""
+            return (f"plan: {self.steps} steps of {self.batch_size} at {self.train_image_size} px on all {self.refit_images} "
+                    f"labelled training images (only {self.val_images} would validate: too few to choose a step count, "
+                    f"so no selection run); serving at {self.image_size} px; test split {self.test_images} images"
+                    f"{estimate}{budget}{probe}" + (f"; {self.reason}" if self.reason else ""))
         refit = (f", then a refit on train+val ({self.refit_images} images) for the chosen step count scaled to it "
                  f"(<= {math.ceil(self.steps * self.refit_images / max(1, self.train_images))} steps)") if self.refit else ""
         estimate = f"; estimated {_duration(self.estimated_seconds)}" if self.estimated_seconds is not None else ""

@@ -57,7 +57,9 @@ CACHE_MARGIN = 1.15
 """Training images are cached at this many times the training crop side (random resized crops are cut from it)."""
 EXPORT_OVERHEAD_SECONDS = 30.0
 """What a plan reserves for calibration, export (TorchScript + ONNX) and the parity check on a CPU."""
-PROBE_STEPS = 2
+PROBE_STEPS = 3
+"""Timed steps of the speed probe (after one warm-up step); the fastest counts: on a shared CPU the others
+measure the neighbours."""
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -346,7 +348,7 @@ def _probe_seconds_per_step(config: TrainConfig, model: TransferNet, train: Cach
         times.append(time.perf_counter() - started)
     torch.set_rng_state(rng_state)
     del probe
-    return float(np.median(times[1:]))
+    return float(min(times[1:]))
 
 
 def _probe_eval_seconds_per_image(model: TransferNet, val: CachedImages, preprocessing: Preprocessing,
@@ -386,24 +388,26 @@ def plan_run(config: TrainConfig, splits: Splits, seconds_so_far: float = 0.0, p
     with --steps / --epochs / --train-image-size fixing everything) no time is estimated."""
     serve = config.preprocessing().image_size
     n_train, n_val, n_test = len(splits.train), len(splits.val), len(splits.test)
-    refit_images = n_train + n_val if config.refit else n_train
-    wanted = config.budget_steps(n_train)
+    select = n_val >= config.min_val_images
+    refit = config.refit or not select
+    refit_images = n_train + n_val if refit else n_train
+    wanted = config.budget_steps(n_train if select else refit_images)
     side = config.train_image_size or config.default_train_image_size()
     budget = config.time_budget_seconds()
     fixed = config.steps is not None or config.epochs is not None
-    common = dict(batch_size=min(config.batch_size, n_train), image_size=serve, train_images=n_train, val_images=n_val,
-                  test_images=n_test, refit=config.refit, refit_images=refit_images, budget_steps=wanted,
-                  time_budget_seconds=budget)
+    common = dict(batch_size=min(config.batch_size, n_train if select else refit_images), image_size=serve,
+                  train_images=n_train, val_images=n_val, test_images=n_test, refit=refit, refit_images=refit_images,
+                  budget_steps=wanted, time_budget_seconds=budget, select=select)
     if budget is None or probe is None:
         steps = wanted
         return RunPlan(steps=steps, eval_every=config.evaluation_interval(steps, n_train), train_image_size=side,
                        reason="" if budget is None else "no speed probe", **common)
     step_seconds, eval_seconds = probe(side)
-    refit_factor = refit_images / n_train if config.refit else 0.0
+    refit_factor = refit_images / n_train if (refit and select) else 0.0
 
     def estimate(steps: int, at: int) -> float:
         per_step = step_seconds * (at / side) ** 2
-        evals = math.ceil(steps / config.evaluation_interval(steps, n_train))
+        evals = math.ceil(steps / config.evaluation_interval(steps, n_train)) if select else -2
         return (seconds_so_far + steps * per_step * (1 + refit_factor) + (evals + 2) * n_val * eval_seconds
                 + n_test * eval_seconds + (EXPORT_OVERHEAD_SECONDS if config.export else 0.0))
 
@@ -595,6 +599,13 @@ def run_epochs(
 ) -> EpochProgress:
     """The selection run (validated every `eval_every` steps, early stopping), then with `refit` a fresh model
     trained on train+val for the chosen step count scaled to the larger set; checkpoints after each interval."""
+    if progress.phase == "select" and not setup.plan.select:
+        progress.refit_steps, progress.phase, progress.step, progress.next_epoch = setup.plan.steps, "refit", 0, 0
+        _prepare_refit(config, setup, progress.refit_steps, config.weights)
+        if show_progress:
+            tqdm.write(f"{len(setup.val_set)} validation images are too few to choose a step count "
+                       f"(--min-val-images {config.min_val_images}): training on all {len(setup.fit_set)} for "
+                       f"{progress.refit_steps} steps")
     if progress.phase == "select":
         _run_phase(config, run, setup, progress, show_progress, setup.train_set, setup.plan.steps, validate=True)
         if config.refit:
@@ -621,6 +632,8 @@ def calibrate_and_test(config: TrainConfig, run: RunDir, setup: TrainingSetup) -
     (the refit's, or the best) as `model.pt`; then the held-out test, or without a test split the validation
     report, each with its image count and 95% interval."""
     model, device = setup.model, setup.device
+    if not setup.plan.select:
+        return _finish_without_validation(config, run, setup)
     model.load_state_dict(run.load_best_weights(device))
     val_logits, val_targets = predict_cached(model, setup.val_set, setup.preprocessing, device)
     temperature = fit_temperature(val_logits, val_targets)
@@ -644,6 +657,32 @@ def calibrate_and_test(config: TrainConfig, run: RunDir, setup: TrainingSetup) -
                        "estimate is optimistic" + ("; the exported model is the refit on train+val, which also "
                        "trained on them" if refit else "") + ". Measure the artifact on other labelled images with "
                        "`transfer-serve evaluate`.")
+    run.save_test_report(report)
+    return report
+
+
+def _finish_without_validation(config: TrainConfig, run: RunDir, setup: TrainingSetup) -> EvaluationReport:
+    """No selection run: the run's weights as they are (temperature 1: no held-out image to fit one on), the test
+    split if there is one, else a report that says there is no held-out estimate."""
+    model, device = setup.model, setup.device
+    model.load_state_dict(run.load_refit_weights(device))
+    run.save_final_weights(model.state_dict())
+    run.save_calibration(1.0)
+    if len(setup.test_set):
+        logits, targets = predict_cached(model, setup.test_set, setup.preprocessing, device)
+        report = evaluate_predictions(_probabilities(logits), targets.numpy(), setup.labels)
+        report.note = (f"held-out test split: {report.images} images never used for training; probabilities not "
+                       "calibrated (no validation images to fit a temperature on)")
+    else:
+        labels = setup.labels
+        report = EvaluationReport(
+            images=0, accuracy=0.0, macro_f1=0.0, expected_calibration_error=0.0, labels=labels, per_class={},
+            confusion_matrix=[[0] * len(labels) for _ in labels], accuracy_ci95=(0.0, 1.0), source="none",
+            note=(f"no held-out estimate: {len(setup.fit_set)} labelled images are too few for a test split and for "
+                  f"a validation split of at least {config.min_val_images} (--min-val-images), so all of them trained "
+                  "the model for the step budget. Measure the artifact on other labelled images with `transfer-serve "
+                  "evaluate`, or hold out a test split with --test-fraction."),
+        )
     run.save_test_report(report)
     return report
 
