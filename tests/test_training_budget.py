@@ -27,16 +27,16 @@ def _config(**overrides) -> TrainConfig:
 @pytest.mark.parametrize(
     "train_images, steps",
     [
-        (14, 150),  # 10 epochs of 14 images = 10 steps: raised to min_steps
-        (140, 150),  # 10 x 140 / 32 = 44 -> 150
+        (14, 200),  # 10 epochs of 14 images = 10 steps: raised to min_steps
+        (200, 200),  # 10 x 200 / 32 = 63 -> 200
         (700, 219),  # ceil(10 x 700 / 32)
-        (1700, 532),
-        (5000, 600),  # 1,563 -> capped at max_steps
+        (2000, 300),  # 625 -> capped at max_steps
+        (5000, 300),
     ],
 )
 def test_step_budget_is_clamped_epochs_of_the_data(train_images, steps):
     config = _config()
-    assert config.budget_steps(train_images) == steps == min(600, max(150, math.ceil(10 * train_images / 32)))
+    assert config.budget_steps(train_images) == steps == min(300, max(200, math.ceil(10 * train_images / 32)))
     assert config.evaluation_interval(steps, train_images) == math.ceil(steps / 10)
 
 
@@ -146,7 +146,7 @@ def test_time_budget_bounds_a_small_run(digits_dir, tmp_path):
     wall = time.perf_counter() - started
     plan = RunDir(result.run_dir).load_plan()
     assert plan.time_budget_seconds == budget and plan.seconds_per_step and plan.seconds_per_step > 0
-    assert plan.budget_steps == 150 and plan.estimated_seconds is not None
+    assert plan.budget_steps == 200 and plan.estimated_seconds is not None
     if plan.steps < plan.budget_steps:
         assert "time budget" in plan.reason
     assert wall < 3 * budget, f"{wall:.0f} s for a {budget} s budget (plan: {plan.describe()})"

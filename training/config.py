@@ -51,8 +51,8 @@ class TrainConfig(BaseModel):
     epochs: int | None = Field(default=None, ge=1, description="Legacy: train this many epochs instead of a step "
                                "budget, validating after each (the pre-2026-11-27 default was 8).")
     budget_epochs: float = Field(default=10.0, gt=0, description="Passes over the training split the step budget aims at.")
-    min_steps: int = Field(default=150, ge=1, description="Fewest optimizer steps of an automatic budget.")
-    max_steps: int = Field(default=600, ge=1, description="Most optimizer steps of an automatic budget.")
+    min_steps: int = Field(default=200, ge=1, description="Fewest optimizer steps of an automatic budget.")
+    max_steps: int = Field(default=300, ge=1, description="Most optimizer steps of an automatic budget.")
     eval_every: int | None = Field(default=None, ge=1, description="Validate every N steps (default: 10 times a run).")
     time_budget: str | None = Field(default="5m", description="Fit steps and training resolution into this wall time "
                                     "(e.g. 90s, 5m; 'none': no limit), from a measured speed probe.")
