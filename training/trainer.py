@@ -267,6 +267,9 @@ class TrainingSetup:
     augment: Augment
     fit_set: CachedImages | None = None
     """train + val at the training cache side: what the refit trains on."""
+    deadline: float | None = None
+    """`time.perf_counter()` by which training must stop to keep the time budget (None: no budget). The plan aims
+    well inside it; this guard holds the budget when a shared CPU turns slower than the probe measured."""
 
 
 @dataclass
@@ -561,7 +564,12 @@ def _run_phase(config: TrainConfig, run: RunDir, setup: TrainingSetup, progress:
             _enter_train_mode(config, setup.model, groups)
             loss_sum, correct, seen = 0.0, 0, 0
             stop = min(total_steps, (epoch + 1) * interval)
+            out_of_time = False
             for step in range(progress.step, stop):
+                if setup.deadline is not None and step > progress.step and time.perf_counter() > setup.deadline:
+                    out_of_time, stop = True, step
+                    bar.write(f"time budget reached at step {step} of {total_steps}: stopping this phase here")
+                    break
                 loss, right, n = _train_step(config, setup, data, step, phase_seed)
                 loss_sum, correct, seen = loss_sum + loss * n, correct + right, seen + n
                 bar.update(1)
@@ -590,6 +598,8 @@ def _run_phase(config: TrainConfig, run: RunDir, setup: TrainingSetup, progress:
                 else:
                     epochs_without_improvement += 1
             _save_checkpoint(config, run, setup, progress)
+            if out_of_time:
+                break
     finally:
         bar.close()
 
@@ -611,6 +621,12 @@ def run_epochs(
         if config.refit:
             n_fit = len(setup.train_set) + len(setup.val_set)
             progress.refit_steps = max(1, round(progress.best_step * n_fit / len(setup.train_set)))
+            if setup.deadline is not None and progress.history:
+                seconds_per_step = setup.plan.batch_size / max(1e-9, min(h.train_images_per_second for h in progress.history))
+                fits = int((setup.deadline - time.perf_counter()) / seconds_per_step)
+                if fits < progress.refit_steps:
+                    tqdm.write(f"time budget: the refit gets {max(1, fits)} of {progress.refit_steps} steps")
+                    progress.refit_steps = max(1, fits)
             progress.phase, progress.step, progress.next_epoch = "refit", 0, 0
             _prepare_refit(config, setup, progress.refit_steps, config.weights)
             if show_progress:
@@ -710,6 +726,10 @@ def _train(config: TrainConfig, show_progress: bool) -> TrainResult:
     device = torch.device(resolve_device(config.device))
     splits, skipped = prepare_splits(config, run)
     setup = build_model_and_optimizer(config, splits, device, run, show_progress, started)
+    budget = config.time_budget_seconds()
+    if budget is not None:
+        reserve = EXPORT_OVERHEAD_SECONDS if config.export else 0.0
+        setup.deadline = (started if not config.resume else time.perf_counter()) + budget - reserve
     progress = resume_from_checkpoint(config, run, setup) if config.resume else EpochProgress()
     progress = run_epochs(config, run, setup, progress, show_progress)
     run.save_history(progress.history)
