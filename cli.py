@@ -86,22 +86,35 @@ def train(
     backbone: str = _option("backbone"),
     weights: str = _option("weights"),
     strategy: str = _option("strategy"),
-    epochs: int = _option("epochs"),
+    steps: Optional[int] = _option("steps"),
+    epochs: Optional[int] = _option("epochs"),
+    budget_epochs: float = _option("budget_epochs"),
+    min_steps: int = _option("min_steps"),
+    max_steps: int = _option("max_steps"),
+    eval_every: Optional[int] = _option("eval_every"),
+    time_budget: Optional[str] = _option("time_budget"),
+    refit: bool = _option("refit"),
     batch_size: int = _option("batch_size"),
     lr: float = _option("lr"),
     lr_spread: float = _option("lr_spread"),
     weight_decay: float = _option("weight_decay"),
     optimizer: str = _option("optimizer"),
     schedule: str = _option("schedule"),
+    warmup_fraction: float = _option("warmup_fraction"),
     label_smoothing: float = _option("label_smoothing"),
     dropout: float = _option("dropout"),
+    freeze_bn: bool = _option("freeze_bn"),
     image_size: Optional[int] = _option("image_size"),
+    train_image_size: Optional[int] = _option("train_image_size"),
+    crop_min_scale: float = _option("crop_min_scale"),
     horizontal_flip: bool = _option("horizontal_flip"),
+    trivial_augment: bool = _option("trivial_augment"),
     class_weights: bool = _option("class_weights"),
     val_fraction: float = _option("val_fraction"),
-    test_fraction: float = _option("test_fraction"),
+    test_fraction: Optional[float] = _option("test_fraction"),
     patience: int = _option("patience"),
     workers: int = _option("workers"),
+    threads: Optional[int] = _option("threads"),
     seed: int = _option("seed"),
     device: str = _option("device"),
     resume: bool = _option("resume"),
@@ -109,12 +122,23 @@ def train(
     name: Optional[str] = _option("name"),
     ood_method: str = _option("ood_method"),
     ood_target_rejection: float = _option("ood_target_rejection"),
+    legacy_defaults: bool = typer.Option(False, "--legacy-defaults", help="Start from the pre-2026-11-27 defaults "
+                                         "(8 epochs, 70/15/15, no refit, training at the serving size, ...); "
+                                         "options given explicitly still win."),
 ) -> None:
     """Fine-tune a backbone on labelled images, evaluate on the held-out test split, and export."""
     from training.config import TrainConfig
     from training.trainer import train as run_training
 
     options = {k: v for k, v in locals().items() if k in TrainConfig.model_fields}
+    if legacy_defaults:
+        import click
+
+        from training.config import legacy_options
+
+        context = click.get_current_context()
+        given = {k for k in options if context.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+        options |= {k: v for k, v in legacy_options(image_size, backbone).items() if k not in given}
     config = TrainConfig(**(options | {"output": output or Path("runs") / data.stem}))
     _report_training(run_training(config))
 
@@ -125,10 +149,25 @@ def _report_training(result) -> None:
     test = result.test
     if result.skipped:
         typer.echo(f"skipped {len(result.skipped)} unreadable images (listed in {RunDir(result.run_dir).skipped})")
+    if test.source == "none":
+        typer.echo(f"no held-out estimate: {test.note}")
+        typer.echo(f"run directory: {result.run_dir}")
+        if result.artifact:
+            from models.artifact import manifest_digest
+
+            typer.echo(f"artifact: {result.artifact}  (digest {manifest_digest(result.artifact)})")
+        return
+    low, high = test.accuracy_ci95 or (0.0, 1.0)
+    chosen = f"best validation at step {result.best_step}" + (
+        f", refit on train+val for {result.refit_steps} steps" if result.refit_steps else "")
+    what = "held-out test images" if test.source == "test" else "validation images; NO test split, optimistic"
     typer.echo(
-        f"test accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  ECE {test.expected_calibration_error:.4f}"
-        f"  ({test.images} held-out images, best epoch {result.best_epoch + 1})"
+        f"{'test' if test.source == 'test' else 'validation'} accuracy {test.accuracy:.4f} "
+        f"(95% CI {low:.4f}-{high:.4f})  macro-F1 {test.macro_f1:.4f}  ECE {test.expected_calibration_error:.4f}"
+        f"  ({test.images} {what}; {chosen})"
     )
+    if test.source != "test" and test.note:
+        typer.echo(f"note: {test.note}")
     typer.echo(f"run directory: {result.run_dir}")
     if result.artifact:
         from models.artifact import manifest_digest

@@ -74,7 +74,8 @@ def time_to_target(args: argparse.Namespace, scratch: Path) -> tuple[list[list[o
     write_digits_folder(data, classes=args.classes, per_class=args.per_class)
     config = TrainConfig(data=data, output=scratch / "run", weights=args.weights, image_size=args.image_size,
                          epochs=args.epochs, horizontal_flip=False, workers=args.workers, device=args.device,
-                         batch_size=args.batch_size, export=False, name="digits")
+                         batch_size=args.batch_size, export=False, name="digits", refit=False, min_val_images=1,
+                         test_fraction=0.15, time_budget="none")
     started = time.perf_counter()
     result = train(config, show_progress=False)
     total = time.perf_counter() - started

@@ -36,6 +36,14 @@ def test_training_benchmark_quick():
     assert len(epochs) == 1 and float(epochs[0][1]) > 0
 
 
+def test_quality_benchmark_quick(tmp_path):
+    rows = load("quality").main(["--quick", "--protocols", "P3", "--recipes", "anchor", "new", "--out",
+                                 str(tmp_path / "q.jsonl")])
+    assert [(row[0], row[1]) for row in rows] == [("P3", "anchor"), ("P3", "new")]
+    assert all(0.0 <= float(row[2]) <= 1.0 and row[5] == 40 for row in rows), rows
+    assert len((tmp_path / "q.jsonl").read_text().splitlines()) == 2
+
+
 def test_extraction_benchmark_quick():
     result = subprocess.run([sys.executable, str(BENCHMARKS / "extraction_speed.py"), "--images", "8", "--workers", "0",
                              "--batch-size", "4"], capture_output=True, text=True, timeout=600)

@@ -32,7 +32,7 @@ def test_every_run_file_has_its_path_in_the_run_folder(tmp_path):
     run = RunDir(tmp_path / "run")
     paths = {
         run.splits: "splits.csv", run.skipped: "skipped.json", run.checkpoint: "checkpoint.pt",
-        run.best_weights: "best.pt", run.final_weights: "model.pt", run.calibration: "calibration.json",
+        run.best_weights: "best.pt", run.refit_weights: "refit.pt", run.plan: "plan.json", run.final_weights: "model.pt", run.calibration: "calibration.json",
         run.history: "history.json", run.test_report: "test_report.json",
         run.confusion_matrix_png: "confusion_matrix.png", run.artifact: "artifact",
     }  # fmt: skip

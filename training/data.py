@@ -8,11 +8,13 @@ optional `split` column (train/val/test); relative paths are read from the CSV's
 from __future__ import annotations
 
 import csv
+import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 from sklearn.model_selection import train_test_split
@@ -20,7 +22,7 @@ from torch.utils.data import Dataset
 
 from models.image_files import IMAGE_SUFFIXES, list_image_files
 from models.decoding import ImageDecodeError, load_image
-from models.preprocessing import Preprocessing
+from models.preprocessing import Preprocessing, eval_geometry
 
 SPLIT_NAMES = ("train", "val", "test")
 SplitName = Literal["train", "val", "test"]
@@ -128,28 +130,76 @@ def scan_readable(
     return good, skipped
 
 
+AUTO_TEST_FRACTION = 0.15
+
+
+def resolve_test_fraction(test_fraction: float | None, images: int) -> float:
+    """`test_fraction`, or when None (automatic) 0.15 if that holds at least `AUTO_TEST_MIN_IMAGES` images, else 0."""
+    from training.config import AUTO_TEST_MIN_IMAGES
+
+    if test_fraction is not None:
+        return test_fraction
+    return AUTO_TEST_FRACTION if AUTO_TEST_FRACTION * images >= AUTO_TEST_MIN_IMAGES else 0.0
+
+
 def split_records(
-    records: Sequence[ImageRecord], val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+    records: Sequence[ImageRecord], val_fraction: float = 0.15, test_fraction: float | None = 0.15, seed: int = 0
 ) -> Splits:
-    """Use the splits the data names, or make a stratified train/val/test split with a fixed seed."""
-    if any(r.split for r in records):
-        given = {name: [r for r in records if r.split == name] for name in SPLIT_NAMES}
-        if not given["train"] or not given["val"]:
-            raise DataError("data names its splits but has no 'train' or no 'val' images")
+    """Use the splits the data names, or make a stratified split with a fixed seed.
+
+    - train and val named (split folders, or a CSV `split` column): used as given (test may be empty);
+    - only test named: the other images are split into train/val;
+    - nothing named: a stratified train/val/test split; `test_fraction` 0 makes no test split, None chooses
+      (`resolve_test_fraction`): small data keeps its labels for training and says it has no test estimate.
+    """
+    given = {name: [r for r in records if r.split == name] for name in SPLIT_NAMES}
+    if given["train"] and given["val"]:
         return Splits(**given)
-    counts = Counter(r.label for r in records)
+    if given["val"]:
+        raise DataError("data names a 'val' split but no 'train' images")
+    pool = [r for r in records if r.split != "test"]
+    test_fraction = 0.0 if given["test"] else resolve_test_fraction(test_fraction, len(pool))
+    counts = Counter(r.label for r in pool)
     if len(counts) < 2:
         raise DataError(f"need at least 2 classes, found {len(counts)}: {sorted(counts)}")
-    too_small = sorted(label for label, n in counts.items() if n < 3)
+    need = 3 if test_fraction > 0 else 2
+    too_small = sorted(label for label, n in counts.items() if n < need)
     if too_small:
-        raise DataError(f"classes with fewer than 3 images cannot be split into train/val/test: {too_small}")
-    labels = [r.label for r in records]
+        parts = "train/val/test" if need == 3 else "train/val"
+        raise DataError(f"classes with fewer than {need} images cannot be split into {parts}: {too_small}")
+    pool = [r.model_copy(update={"split": None}) for r in pool]
+    labels = [r.label for r in pool]
+    if test_fraction == 0:
+        val_count = min(len(pool) - len(counts), max(len(counts), math.ceil(val_fraction * len(pool))))
+        train, val = train_test_split(pool, test_size=val_count, stratify=labels, random_state=seed)
+        return Splits(train=train, val=val, test=given["test"])
     holdout = val_fraction + test_fraction
-    train, rest = train_test_split(list(records), test_size=holdout, stratify=labels, random_state=seed)
+    train, rest = train_test_split(pool, test_size=holdout, stratify=labels, random_state=seed)
     rest_labels = [r.label for r in rest]
     stratify = rest_labels if min(Counter(rest_labels).values()) >= 2 else None
     val, test = train_test_split(rest, test_size=test_fraction / holdout, stratify=stratify, random_state=seed)
     return Splits(train=train, val=val, test=test)
+
+
+def decode_to_cache(
+    records: Sequence[ImageRecord], preprocessing: Preprocessing, side: int, workers: int = 2
+) -> torch.Tensor:
+    """Every image decoded once through the one decoding function (with the serving `preprocessing`'s decode
+    path) and resized by the serving geometry to `side` x `side`: a uint8 (N, 3, side, side) tensor."""
+    geometry = eval_geometry(preprocessing.with_image_size(side))
+
+    def one(record: ImageRecord) -> np.ndarray:
+        try:
+            image = load_image(record.path, preprocessing=preprocessing)
+        except ImageDecodeError as exc:
+            raise DataError(f"{record.path} became unreadable during training: {exc}") from None
+        return np.asarray(geometry(image).convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+
+    out = torch.empty((len(records), 3, side, side), dtype=torch.uint8)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, array in enumerate(pool.map(one, records)):
+            out[i] = torch.from_numpy(np.ascontiguousarray(array))
+    return out
 
 
 class ImageDataset(Dataset):

@@ -4,6 +4,7 @@ foreign images, AUROC / FPR@95%TPR with a histogram of the two score distributio
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Sequence
 
@@ -39,6 +40,12 @@ class EvaluationReport(BaseModel):
     None when not measured (no detector, or a training run's report)."""
     ood: OODEvaluation | None = None
     """These images (ID) against a folder of out-of-distribution images (`evaluate --ood DIR`)."""
+    accuracy_ci95: tuple[float, float] | None = None
+    """95% Wilson score interval of the accuracy: what `images` independent images allow one to say."""
+    source: str = "test"
+    """Which images: 'test' (held out, touched once), 'validation' (no test split; it chose the step count, so
+    it is optimistic) or the data `evaluate` was given."""
+    note: str | None = None
 
     def headline(self) -> dict[str, float]:
         return {
@@ -46,6 +53,17 @@ class EvaluationReport(BaseModel):
             "macro_f1": self.macro_f1,
             "expected_calibration_error": self.expected_calibration_error,
         }
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% for the default z); (0, 1) for no trials."""
+    if total <= 0:
+        return (0.0, 1.0)
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def expected_calibration_error(probabilities: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
@@ -80,6 +98,7 @@ def evaluate_predictions(probabilities: np.ndarray, targets: Sequence[int], labe
             for label, p, r, f, s in zip(labels, precision, recall, f1, support)
         },
         confusion_matrix=confusion_matrix(targets, predicted, labels=indices).tolist(),
+        accuracy_ci95=wilson_interval(int((predicted == targets).sum()), len(targets)),
     )
 
 

@@ -199,8 +199,9 @@ def _copy_ood(ood: OODSummary | None, source: Path | None, staging: Path, num_cl
 
 
 def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Export a run's best weights with its labels, preprocessing, test metrics and OOD detector (if the run
-    fitted one); parity on test images."""
+    """Export a run's final weights (`model.pt`) with its labels, preprocessing, held-out metrics (`test_*`, or
+    `val_*` when the run had no test split, with the image count and 95% interval) and OOD detector (if the run
+    fitted one); parity on test images (or validation, or training images when there are none)."""
     run = RunDir(run_dir)
     run.require_finished()
     checkpoint = run.load_checkpoint()
@@ -208,9 +209,16 @@ def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     preprocessing = config.preprocessing()
     model = build_network(config.backbone, len(checkpoint.labels), weights="none", dropout=config.dropout)
     model.load_state_dict(run.load_final_weights())
-    test_records = run.load_splits().test[:PARITY_IMAGES]
-    test_set = ImageDataset(test_records, checkpoint.labels, eval_transform(preprocessing), preprocessing)
+    splits = run.load_splits()
+    parity_records = (splits.test or splits.val or splits.train)[:PARITY_IMAGES]
+    test_set = ImageDataset(parity_records, checkpoint.labels, eval_transform(preprocessing), preprocessing)
     test = run.load_test_report()
+    prefix = "test_" if test.source == "test" else "val_"
+    estimate = {f"{prefix}{k}": v for k, v in test.headline().items()} | {f"{prefix}images": float(test.images)}
+    if test.source == "none":  # no held-out image at all: nothing to claim
+        estimate = {"held_out_images": 0.0}
+    elif test.accuracy_ci95 is not None:
+        estimate |= {f"{prefix}accuracy_ci95_low": test.accuracy_ci95[0], f"{prefix}accuracy_ci95_high": test.accuracy_ci95[1]}
     output = Path(output) if output else run.artifact
     export_artifact(
         model,
@@ -220,8 +228,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         parity_batch=torch.stack([test_set[i][0] for i in range(len(test_set))]),
         output=output,
         name=config.name or Path(config.data).stem,
-        metrics={f"test_{k}": v for k, v in test.headline().items()}
-        | {"best_val_accuracy": max(h.val_accuracy for h in checkpoint.history)},
+        metrics=estimate | {"best_val_accuracy": max((h.val_accuracy for h in checkpoint.history), default=0.0)},
         ood=run.load_ood_summary(),
         ood_source=run.root,
     )

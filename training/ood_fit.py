@@ -8,9 +8,10 @@ fp32 pass over the validation split with autocast off. The detector is saved in 
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from models.network import TransferNet
@@ -20,8 +21,9 @@ from training.run_dir import RunDir
 
 
 @torch.no_grad()
-def collect_outputs(model: TransferNet, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 logits (N, C), embeddings (N, D) and targets (N,) of every item of `loader`, without autocast."""
+def collect_outputs(model: TransferNet, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 logits (N, C), embeddings (N, D) and targets (N,) of every (images, targets) batch of `loader` (a
+    DataLoader, or the trainer's cached batches), without autocast."""
     model.eval()
     logits, embeddings, targets = [], [], []
     for images, target in loader:
@@ -37,7 +39,8 @@ def collect_outputs(model: TransferNet, loader: DataLoader, device: torch.device
 
 
 def fit_run_ood(
-    config: TrainConfig, run: RunDir, model: TransferNet, val_loader: DataLoader, device: torch.device
+    config: TrainConfig, run: RunDir, model: TransferNet, val_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
 ) -> OODDetector | None:
     """Fit `config.ood_method` on the validation split and save it in `run` (or remove a stale one for 'none').
 

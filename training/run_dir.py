@@ -2,9 +2,10 @@
 
 A run directory holds everything a run produces, so an interrupted run resumes from it:
 `splits.csv` (the exact train/val/test split), `skipped.json` (unreadable images and why),
-`checkpoint.pt` (last epoch: model, optimizer, scheduler, history and the run's configuration), `best.pt`
-(best validation weights), `model.pt` (best weights with the fitted softmax temperature folded in: what
-is tested and exported), `calibration.json`, `history.json`, `test_report.json`, `confusion_matrix.png`,
+`plan.json` (steps, resolution, time estimate), `checkpoint.pt` (last validation or refit interval: model,
+optimizer, scheduler, phase, history and the run's configuration), `best.pt` (best validation weights of the
+selection run), `refit.pt` (the refit on train+val), `model.pt` (refit, or best, weights with the fitted
+softmax temperature folded in: what is tested and exported), `calibration.json`, `history.json`, `test_report.json`, `confusion_matrix.png`,
 the out-of-distribution detector fitted on the final model (`ood.json`, its summary, and `ood.npz`, its
 arrays, when the method has any) and the exported `artifact/`. Every file is written atomically (`models.files.atomic_write`): a crash
 leaves the previous version or the new one, never half of one.
@@ -13,6 +14,7 @@ leaves the previous version or the new one, never half of one.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, overload
@@ -30,7 +32,10 @@ StateDict = dict[str, Any]
 
 
 class EpochRecord(BaseModel):
+    """One validation of the selection run (every `eval_every` optimizer steps; every epoch with --epochs)."""
+
     epoch: int
+    """Index of the validation (0-based)."""
     trainable_groups: int
     train_loss: float
     train_accuracy: float
@@ -39,6 +44,63 @@ class EpochRecord(BaseModel):
     val_macro_f1: float
     seconds: float
     train_images_per_second: float
+    step: int = 0
+    """Optimizer steps done when this validation ran."""
+
+
+class RunPlan(BaseModel):
+    """What the run will do, decided before its first step (and read back on --resume)."""
+
+    steps: int
+    """Optimizer steps of the selection run."""
+    eval_every: int
+    batch_size: int
+    train_image_size: int
+    image_size: int
+    """Serving (and validation, test, export) input side."""
+    train_images: int
+    val_images: int
+    test_images: int
+    refit: bool
+    refit_images: int
+    select: bool = True
+    """False: too few validation images to choose a step count; one run on train+val for `steps`."""
+    budget_steps: int
+    """What the data asked for before the time budget."""
+    time_budget_seconds: float | None = None
+    seconds_per_step: float | None = None
+    """Measured by the speed probe at `train_image_size` (None: no probe)."""
+    estimated_seconds: float | None = None
+    reason: str = ""
+    threads: int | None = None
+    """CPU intra-op threads the run trains with (chosen by the speed probe unless --threads sets them)."""
+
+    def describe(self) -> str:
+        if not self.select:
+            estimate = f"; estimated {_duration(self.estimated_seconds)}" if self.estimated_seconds is not None else ""
+            budget = f" of a {_duration(self.time_budget_seconds)} budget" if self.time_budget_seconds else ""
+            probe = f" (probe: {self.seconds_per_step:.2f} s/step, {self.threads or '?'} thread(s))" if self.seconds_per_step else ""
+            return (f"plan: {self.steps} steps of {self.batch_size} at {self.train_image_size} px on all {self.refit_images} "
+                    f"labelled training images (only {self.val_images} would validate: too few to choose a step count, "
+                    f"so no selection run); serving at {self.image_size} px; test split {self.test_images} images"
+                    f"{estimate}{budget}{probe}" + (f"; {self.reason}" if self.reason else ""))
+        refit = (f", then a refit on train+val ({self.refit_images} images) for the chosen step count scaled to it "
+                 f"(<= {math.ceil(self.steps * self.refit_images / max(1, self.train_images))} steps)") if self.refit else ""
+        estimate = f"; estimated {_duration(self.estimated_seconds)}" if self.estimated_seconds is not None else ""
+        budget = f" of a {_duration(self.time_budget_seconds)} budget" if self.time_budget_seconds else ""
+        probe = f" (probe: {self.seconds_per_step:.2f} s/step" if self.seconds_per_step is not None else ""
+        probe += (f", {self.threads} thread{'s' if self.threads > 1 else ''})" if self.threads else ")") if probe else ""
+        return (f"plan: {self.steps} steps of {self.batch_size} at {self.train_image_size} px on {self.train_images} "
+                f"images, validating every {self.eval_every} steps on {self.val_images}{refit}; serving at "
+                f"{self.image_size} px; test split {self.test_images} images{estimate}{budget}{probe}"
+                + (f"; {self.reason}" if self.reason else ""))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 _SKIPPED = TypeAdapter(list[SkippedImage])
@@ -60,6 +122,12 @@ class Checkpoint:
     labels: list[str]
     backbone: str
     config: TrainConfig
+    phase: str = "select"
+    """'select' (training on train, validating), 'refit' (training on train+val) or 'done'."""
+    step: int = 0
+    """Optimizer steps done in `phase`."""
+    best_step: int = 0
+    refit_steps: int = 0
 
     def to_state(self) -> dict[str, Any]:
         """Plain tensors, numbers, strings, lists and dicts only: loadable with `weights_only=True`."""
@@ -74,6 +142,10 @@ class Checkpoint:
             "labels": self.labels,
             "backbone": self.backbone,
             "config": self.config.model_dump(mode="json"),
+            "phase": self.phase,
+            "step": self.step,
+            "best_step": self.best_step,
+            "refit_steps": self.refit_steps,
         }
 
     @classmethod
@@ -89,6 +161,10 @@ class Checkpoint:
             labels=list(state["labels"]),
             backbone=state["backbone"],
             config=TrainConfig.model_validate(state["config"]),
+            phase=state.get("phase", "done"),
+            step=int(state.get("step", 0)),
+            best_step=int(state.get("best_step", 0)),
+            refit_steps=int(state.get("refit_steps", 0)),
         )
 
 
@@ -134,8 +210,10 @@ class RunDir:
     splits = RunFile("splits.csv")  # the exact train/val/test split
     skipped = RunFile("skipped.json")  # unreadable images and why
     checkpoint = RunFile("checkpoint.pt")  # last epoch: model, optimizer, scheduler, history, configuration
-    best_weights = RunFile("best.pt")  # best validation weights
-    final_weights = RunFile("model.pt")  # best weights with the temperature folded in
+    plan = RunFile("plan.json")  # the `RunPlan`: steps, resolution, time estimate
+    best_weights = RunFile("best.pt")  # best validation weights of the selection run
+    refit_weights = RunFile("refit.pt")  # the refit's weights (train+val, the chosen step count)
+    final_weights = RunFile("model.pt")  # refit (or best) weights with the temperature folded in
     calibration = RunFile("calibration.json")  # the fitted softmax temperature
     history = RunFile("history.json")  # one `EpochRecord` per epoch
     test_report = RunFile("test_report.json")  # the held-out test `EvaluationReport`
@@ -187,6 +265,18 @@ class RunDir:
 
     def load_best_weights(self, map_location: str | torch.device = "cpu") -> StateDict:
         return _load_torch(self.best_weights, map_location)
+
+    def save_refit_weights(self, state_dict: StateDict) -> None:
+        _save_torch(self.refit_weights, state_dict)
+
+    def load_refit_weights(self, map_location: str | torch.device = "cpu") -> StateDict:
+        return _load_torch(self.refit_weights, map_location)
+
+    def save_plan(self, plan: "RunPlan") -> None:
+        atomic_write_text(self.plan, plan.model_dump_json(indent=2))
+
+    def load_plan(self) -> "RunPlan":
+        return RunPlan.model_validate_json(self.plan.read_text())
 
     def save_final_weights(self, state_dict: StateDict) -> None:
         _save_torch(self.final_weights, state_dict)
