@@ -120,13 +120,17 @@ def lfw_faces(limit: int | None = None) -> list:
 
 # ------------------------------------------------------------------------------------------- training
 def run_settings(quick: bool) -> dict[str, dict]:
+    # every run holds out a validation split (the detector is fitted on it) and a test split (it is scored on it),
+    # whatever the training defaults decide for small data
+    splits = dict(test_fraction=0.15, min_val_images=1)
     if quick:
-        tiny = dict(weights="none", image_size=32, epochs=1, batch_size=16, workers=0, horizontal_flip=False)
+        tiny = dict(weights="none", image_size=32, train_image_size=32, steps=4, eval_every=2, batch_size=16,
+                    workers=0, horizontal_flip=False, time_budget="none", threads=1) | splits
         return {"digits10": tiny, "digits8": tiny, "hymenoptera": tiny}
     # Sized for a shared 2-core machine (each run a few minutes): smaller than the demo's 128 px / 8 epochs.
-    digits = dict(image_size=64, epochs=3, batch_size=32, workers=1, horizontal_flip=False)
+    digits = dict(image_size=64, epochs=3, batch_size=32, workers=1, horizontal_flip=False) | splits
     return {"digits10": digits, "digits8": digits,
-            "hymenoptera": dict(image_size=160, epochs=3, batch_size=32, workers=1)}
+            "hymenoptera": dict(image_size=160, epochs=3, batch_size=32, workers=1) | splits}
 
 
 def train_run(name: str, data: Path, work: Path, settings: dict) -> tuple[Path, float]:
