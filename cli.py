@@ -40,7 +40,7 @@ def friendly_errors(command: Callable) -> Callable:
         from models.artifact import ArtifactError
         from models.decoding import ImageDecodeError
         from models.registry import UnknownBackboneError, WeightsError
-        from models.runtimes import DeviceError
+        from models.inference import DeviceError
         from training.data import DataError
         from training.export import ParityError
         from extraction.config import ExtractionError
@@ -255,9 +255,8 @@ def export(
     output: Optional[Path] = typer.Option(None, help="Artifact directory (default: RUN_DIR/artifact)."),
 ) -> None:
     """Export a run's best weights as an artifact (TorchScript + ONNX + manifest), checking parity."""
-    from training.export import export_run
-
     from models.artifact import manifest_digest
+    from training.export import export_run
 
     artifact = export_run(run_dir, output)
     typer.echo(f"artifact: {artifact}\ndigest: {manifest_digest(artifact)}")

@@ -13,9 +13,7 @@ import numpy as np
 import torch
 
 from models.artifact import Artifact
-from models.inference import DeviceError, Precision, ResolvedInference, resolve_device
-
-__all__ = ["DeviceError", "resolve_device"]  # re-exported: training.trainer imports resolve_device from here
+from models.inference import Precision, ResolvedInference
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from models.network import TransferNet, build_network
 from models.preprocessing import Preprocessing
-from models.runtimes import resolve_device
+from models.inference import resolve_device
 from training.calibration import fit_temperature, fold_temperature
 from training.config import TrainConfig
 from training.data import (
