@@ -40,7 +40,9 @@ def friendly_errors(command: Callable) -> Callable:
         from models.artifact import ArtifactError
         from models.decoding import ImageDecodeError
         from models.registry import UnknownBackboneError, WeightsError
-        from models.inference import DeviceError
+        from models.inference import DeviceError, InferenceOptionsError
+        from models.predictor import NonFiniteOutputError
+        from models.runtimes import PrecisionError
         from training.data import DataError
         from training.export import ParityError
         from extraction.config import ExtractionError
@@ -50,7 +52,8 @@ def friendly_errors(command: Callable) -> Callable:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             _fail(f"invalid option: {problems}")
-        except (ArtifactError, DataError, DeviceError, ImageDecodeError, WeightsError, ParityError, FileExistsError, ExtractionError) as exc:
+        except (ArtifactError, DataError, DeviceError, ImageDecodeError, WeightsError, ParityError, FileExistsError,
+                ExtractionError, InferenceOptionsError, PrecisionError, NonFiniteOutputError) as exc:
             _fail(str(exc))
         except UnknownBackboneError as exc:
             _fail(str(exc))
@@ -308,22 +311,24 @@ def serve(
 ) -> None:
     """Serve a local artifact over HTTP: /classify, /embed, /metadata, /livez, /readyz, /metrics, docs at /.
 
-    Other settings come from TRANSFER_SERVE_* variables (see docs/SERVING.md)."""
+    Other settings come from TRANSFER_SERVE_* variables (see docs/SERVING.md). The artifact is loaded here first,
+    exactly as each worker will load it, so one the workers would refuse ends this command with one line."""
     import os
 
-    from models.artifact import load_artifact
     from service.launch import server_command, server_env
+    from service.loading import load_predictor, open_artifact
     from service.settings import ServiceSettings
 
     options = dict(runtime=runtime, device=device, precision=precision, max_batch_size=max_batch_size,
                    max_latency_ms=max_latency_ms, expect_digest=expect_digest)  # fmt: skip
-    from_env = ServiceSettings.from_env().model_dump(exclude_defaults=True, exclude={"model"})
-    settings = ServiceSettings.model_validate(
-        from_env | {"artifact": artifact.resolve()} | {k: v for k, v in options.items() if v is not None}
+    settings = ServiceSettings.from_env(
+        overrides={"artifact": artifact.resolve(), "model": None} | {k: v for k, v in options.items() if v is not None}
     )
-    load_artifact(settings.artifact, settings.expect_digest)  # refuse a missing, modified or unexpected artifact here
+    predictor = load_predictor(settings, open_artifact(settings, None))  # refuse here what a worker would refuse
+    resolved = settings.model_copy(update=predictor.inference.model_dump())  # the workers run what was resolved here
+    del predictor
     command = server_command(host, port)
-    os.execve(command[0], command, server_env(settings, os.environ))
+    os.execve(command[0], command, server_env(resolved, os.environ))
 
 
 # --- extraction commands (extract) ---

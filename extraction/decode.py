@@ -9,11 +9,14 @@ error string in its row instead of an exception, so one bad file never stops the
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from PIL import Image
 
 from models.decoding import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 
+from models.image_files import utf8_display
 from models.preprocessing import Preprocessing, preprocess_batch
 
 
@@ -25,7 +28,8 @@ class ImageDecoder:
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        paths = [str(p) for p in np.asarray(batch["path"], dtype=object).reshape(-1)]
+        given = np.asarray(batch["path"], dtype=object).reshape(-1)  # str, or bytes from the Ray engine
+        paths = [os.fsdecode(p) for p in given]
         size = self.preprocessing.image_size
         pixels = np.zeros((len(paths), 3, size, size), dtype=np.float32)
         errors = [""] * len(paths)
@@ -36,9 +40,9 @@ class ImageDecoder:
                 images.append(load_image(path, self.max_pixels, preprocessing=self.preprocessing))
                 positions.append(position)
             except ImageDecodeError as exc:
-                errors[position] = str(exc)
+                errors[position] = utf8_display(str(exc))  # a message may quote a name that is not UTF-8
             except Exception as exc:  # noqa: BLE001 - a single unreadable file must not stop the job
-                errors[position] = f"{type(exc).__name__}: {exc}"
+                errors[position] = utf8_display(f"{type(exc).__name__}: {exc}")
         if images:
             try:
                 pixels[positions] = preprocess_batch(images, self.preprocessing)
@@ -50,7 +54,7 @@ class ImageDecoder:
                         errors[position] = f"preprocessing failed: {type(exc).__name__}: {exc}"
         return {
             "index": np.asarray(batch["index"], dtype=np.int64).reshape(-1),
-            "path": np.asarray(paths, dtype=object),
+            "path": given,
             "pixels": pixels,
             "error": np.asarray(errors, dtype=object),
         }

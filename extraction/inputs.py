@@ -1,11 +1,16 @@
 """The job's inputs: an image folder (recursive) or a .csv / .parquet manifest with a `path` column, as
-absolute paths, sorted and de-duplicated (the order shards are cut in)."""
+absolute paths, sorted and de-duplicated (the order shards are cut in).
+
+Paths are `str` as the OS gives them: a name that is not UTF-8 holds surrogate escapes (`os.fsdecode`), so the
+exact bytes survive (`os.fsencode`); shards.py records such a file as an error naming it, since a Parquet string
+column holds UTF-8 text only. A folder that cannot be listed is an input too, so that it is recorded, with the
+reason, in `_errors.jsonl` like a file that cannot be read."""
 
 from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -14,7 +19,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from extraction.config import ExtractionError
-from models.image_files import IMAGE_SUFFIXES, list_image_files
+from models.image_files import IMAGE_SUFFIXES, scan_image_files
 
 
 class InputRow(BaseModel):
@@ -33,10 +38,12 @@ class InputRow(BaseModel):
 
 @dataclass(frozen=True)
 class InputList:
-    """The sorted, de-duplicated input paths and how many duplicates the source named."""
+    """The sorted, de-duplicated input paths, how many duplicates the source named, and which of the paths are
+    folders that could not be listed (with why)."""
 
     paths: list[str]
     duplicates_dropped: int
+    unlisted: dict[str, str] = field(default_factory=dict)
 
 
 def _manifest_paths(manifest: Path, raw: Sequence[object]) -> list[str]:
@@ -52,7 +59,7 @@ def _manifest_paths(manifest: Path, raw: Sequence[object]) -> list[str]:
 
 
 def _csv_paths(manifest: Path) -> list[str]:
-    with open(manifest, newline="") as handle:
+    with open(manifest, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         if "path" not in (reader.fieldnames or []):
             raise ExtractionError(f"{manifest}: a CSV manifest needs a 'path' column (found: {reader.fieldnames})")
@@ -72,8 +79,13 @@ def _parquet_paths(manifest: Path) -> list[str]:
 def list_inputs(source: str | Path) -> InputList:
     """The job's inputs: absolute paths, sorted and de-duplicated (the order shards are cut in)."""
     source = Path(source)
+    unlisted: dict[str, str] = {}
     if source.is_dir():
-        raw = [os.path.abspath(path) for path in list_image_files(source)]
+        listing = scan_image_files(source)
+        if source in listing.unlisted:
+            raise ExtractionError(f"{source}: {listing.unlisted[source]}")
+        unlisted = {os.path.abspath(folder): reason for folder, reason in listing.unlisted.items()}
+        raw = [os.path.abspath(path) for path in listing.files] + list(unlisted)
     elif source.is_file() and source.suffix.lower() == ".csv":
         raw = _csv_paths(source)
     elif source.is_file() and source.suffix.lower() == ".parquet":
@@ -85,4 +97,4 @@ def list_inputs(source: str | Path) -> InputList:
     paths = sorted(set(raw))
     if not paths:
         raise ExtractionError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return InputList(paths=paths, duplicates_dropped=len(raw) - len(paths))
+    return InputList(paths=paths, duplicates_dropped=len(raw) - len(paths), unlisted=unlisted)

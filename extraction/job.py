@@ -79,7 +79,7 @@ def _error_records(output: Path, shard_count: int) -> list[str]:
     for shard in range(shard_count):
         path = output / errors_name(shard)
         if path.is_file():
-            lines.extend(line for line in path.read_text().splitlines() if line.strip())
+            lines.extend(line for line in path.read_text(encoding="utf-8").split("\n") if line.strip())
     return lines
 
 
@@ -191,5 +191,5 @@ def _run(
 
 def read_errors(output: str | Path) -> list[ErrorRecord]:
     """The error records of a finished job (OUT/_errors.jsonl)."""
-    text = (Path(output) / ERRORS_FILE).read_text()
-    return [ErrorRecord.model_validate_json(line) for line in text.splitlines() if line.strip()]
+    text = (Path(output) / ERRORS_FILE).read_text(encoding="utf-8")
+    return [ErrorRecord.model_validate_json(line) for line in text.split("\n") if line.strip()]

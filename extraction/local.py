@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import sys
-import threading
 from typing import Sequence
 
 import numpy as np
@@ -41,34 +38,14 @@ def _as_is(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return batch
 
 
-PARENT_CHECK_INTERVAL_S = 0.5
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _die_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
+def _init_decoding_worker(parent_pid: int, _worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: this decoding worker ends as soon as the job's process does, even when that
-    is killed with SIGKILL (which runs no cleanup; the worker would otherwise be adopted by PID 1 and keep
-    its memory). Linux: the kernel sends SIGKILL when the parent dies (`prctl(PR_SET_PDEATHSIG)`); everywhere:
-    a daemon thread that SIGKILLs this worker once its parent pid changes. Also gives decoding memory back."""
+    is killed with SIGKILL (models/lifetime.py), and gives decoding memory back (models/memory.py)."""
+    from models.lifetime import die_with_parent
     from models.memory import configure_allocator
 
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # pragma: no cover - no prctl: the watchdog below still works
-            pass
-    if os.getppid() != parent_pid:  # the parent died before the line above took effect
-        os.kill(os.getpid(), signal.SIGKILL)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watchdog", daemon=True).start()
+    die_with_parent(parent_pid)
     configure_allocator()
-
-
-def _watch_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        threading.Event().wait(PARENT_CHECK_INTERVAL_S)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _pending_batches(plan: JobPlan, pending: Sequence[int]) -> list[range]:
@@ -95,7 +72,7 @@ def run_local(plan: JobPlan, assembler: ShardAssembler, pending: Sequence[int]) 
         collate_fn=_as_is,
         prefetch_factor=4 if config.workers else None,
         persistent_workers=False,
-        worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if config.workers else None,
+        worker_init_fn=functools.partial(_init_decoding_worker, os.getpid()) if config.workers else None,
     )
     decoded = iter(loader)  # workers start decoding while the model loads
     try:

@@ -84,7 +84,7 @@ def resolve_execution(config: ExtractionConfig, cuda_available: bool | None = No
     rule, asked about the inference processes' GPUs (`config.cuda_available()` unless the caller says)."""
     available = config.cuda_available() if cuda_available is None else cuda_available
     try:
-        return resolve_inference(config.inference_options(), available)
+        return resolve_inference(config, available)
     except DeviceError as exc:
         raise ExtractionError(str(exc)) from None
 

@@ -12,14 +12,17 @@ atomic write-then-rename, and per-shard resume while the job streams. Only the s
 reach the driver; decoded pixels stay in the cluster.
 
 The job joins an existing cluster when `RAY_ADDRESS` is set (`ray.init(address=...)`) and otherwise starts
-a local Ray; a Ray already initialised in this process (tests, notebooks) is used as it is. Ray is an
-optional extra (`pip install .[ray]`) and imported only here.
+a local Ray; a Ray already initialised in this process (tests, notebooks) is used as it is. A local Ray the job
+starts ends with the job, even when the job is killed with SIGKILL (`models.lifetime.reap_descendants_when_gone`:
+Ray's dashboard and runtime-env agents outlive their driver otherwise). Ray is an optional extra
+(`pip install .[ray]`) and imported only here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pyarrow as pa
 
@@ -29,6 +32,7 @@ from extraction.plan import JobPlan
 from extraction.predictor import EmbeddingPredictor
 from extraction.progress import progress_bar
 from extraction.shards import ShardAssembler
+from models.lifetime import reap_descendants_when_gone, stop_reaper
 
 
 def _import_ray():
@@ -42,28 +46,42 @@ def _import_ray():
     return ray
 
 
-def _connect(ray, local_num_cpus: int | None) -> bool:
-    """Use the running Ray, join RAY_ADDRESS, or start a local Ray; True when this call started it."""
+@contextlib.contextmanager
+def _connected(ray, local_num_cpus: int | None) -> Iterator[None]:
+    """Use the running Ray, join RAY_ADDRESS, or start a local Ray that ends with this job (shut down on the way
+    out; its processes SIGKILLed by a watcher if this process is killed)."""
     if ray.is_initialized():
-        return False
+        yield
+        return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    reaper = reap_descendants_when_gone(os.getpid())
+    try:
         ray.init(num_cpus=local_num_cpus, include_dashboard=False, log_to_driver=True)
-    return True
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    finally:
+        stop_reaper(reaper)
 
 
 def run_ray(plan: JobPlan, assembler: ShardAssembler, pending: Sequence[int]) -> dict[str, str]:
     """Run the pending shards on Ray Data; returns the device description."""
     ray = _import_ray()
     config, options = plan.config, plan.config.ray
-    started = _connect(ray, options.local_num_cpus)
-    try:
+    with _connected(ray, options.local_num_cpus):
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = config.show_progress
         indices = [index for shard in pending for index in plan.shard_range(shard)]
-        table = pa.table({"index": pa.array(indices, pa.int64()), "path": [plan.inputs.paths[i] for i in indices]})
+        paths = [os.fsencode(plan.inputs.paths[i]) for i in indices]  # bytes: any name the OS gives, not only UTF-8
+        table = pa.table({"index": pa.array(indices, pa.int64()), "path": pa.array(paths, pa.binary())})
         block_rows = max(config.batch_size, -(-len(indices) // 200))
         blocks = [table.slice(start, block_rows) for start in range(0, len(indices), block_rows)]
         dataset = (
@@ -89,6 +107,3 @@ def run_ray(plan: JobPlan, assembler: ShardAssembler, pending: Sequence[int]) ->
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 bar.update(assembler.add(batch))
         return {"device": plan.inference.device}
-    finally:
-        if started:
-            ray.shutdown()

@@ -9,6 +9,7 @@ ever visible, and a shard's Parquet file appearing marks it done (the unit of re
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from extraction.config import ExtractionError
 from extraction.plan import JobIdentity, JobPlan
 from extraction.table import build_shard_table
 from models.files import atomic_write, atomic_write_text
+from models.image_files import is_utf8, utf8_display
 
 SHARD_PATTERN = "part-{:05d}.parquet"
 JOB_FILE = "_job.json"
@@ -45,11 +47,35 @@ def errors_name(index: int) -> str:
 
 
 class ErrorRecord(BaseModel):
-    """One input that produced no row: its position in the sorted input list, path and reason."""
+    """One input that produced no row: its position in the sorted input list, path and reason.
+
+    `path` is UTF-8 text; a name whose bytes are not UTF-8 shows them as `\\xNN` there and is given exactly, as
+    hex, in `path_bytes_hex` (null otherwise), so every record is valid JSON and no path is lost."""
 
     index: int
     path: str
     reason: str
+    path_bytes_hex: str | None = None
+
+    @classmethod
+    def of(cls, index: int, path: str, reason: str) -> "ErrorRecord":
+        """The record of input `index`, whose `path` is as the OS gave it (surrogate escapes for non-UTF-8 bytes)."""
+        if is_utf8(path):
+            return cls(index=index, path=path, reason=utf8_display(reason))
+        return cls(index=index, path=utf8_display(path), reason=utf8_display(reason), path_bytes_hex=os.fsencode(path).hex())
+
+    @property
+    def os_path(self) -> str:
+        """The path as the OS names it (what `ErrorRecord.of` was given)."""
+        return os.fsdecode(bytes.fromhex(self.path_bytes_hex)) if self.path_bytes_hex is not None else self.path
+
+
+NOT_UTF8_REASON = (
+    "file name is not valid UTF-8: the Parquet `path` column holds UTF-8 text only, so this image gets no row; "
+    "rename the file to extract it"
+)
+
+
 
 
 @contextlib.contextmanager
@@ -115,10 +141,17 @@ def _select(columns: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.nd
 
 
 def write_shard(output: Path, shard: int, outputs: dict[str, np.ndarray], plan: JobPlan) -> None:
-    """Write one shard's errors file, then its Parquet file; the Parquet file appearing marks it done."""
-    failed = np.array([bool(e) for e in outputs["error"]], dtype=bool)
+    """Write one shard's errors file, then its Parquet file; the Parquet file appearing marks it done. Paths come
+    from the plan (by index), whatever form an engine carried them in; a folder that could not be listed gets its
+    listing error, and an image whose name is not UTF-8 an error naming that."""
+    inputs = plan.inputs
+    paths = [inputs.paths[i] for i in np.asarray(outputs["index"], dtype=np.int64)]
+    reasons = [inputs.unlisted.get(path) or str(error) for path, error in zip(paths, outputs["error"])]
+    reasons = [reason or ("" if is_utf8(path) else NOT_UTF8_REASON) for path, reason in zip(paths, reasons)]
+    outputs = outputs | {"path": np.asarray(paths, dtype=object), "error": np.asarray(reasons, dtype=object)}
+    failed = np.array([bool(reason) for reason in reasons], dtype=bool)
     errors = [
-        ErrorRecord(index=int(i), path=str(p), reason=str(r))
+        ErrorRecord.of(int(i), p, r)
         for i, p, r in zip(outputs["index"][failed], outputs["path"][failed], outputs["error"][failed])
     ]
     errors.sort(key=lambda e: e.index)

@@ -3,8 +3,10 @@
 
 The manifest is the contract between export and every consumer (service, batch job, evaluation):
 labels, preprocessing, embedding size, metrics, parity figures, library versions and the sha256 of
-every file. `load_artifact` refuses an artifact whose files do not match their hashes or whose format
-version this code does not read.
+every file. `load_artifact` refuses an artifact whose files do not match their hashes, resolve outside its
+directory, or whose format version this code does not read; the manifest's values are validated when it is
+read (bounded size, unique non-empty labels, finite preprocessing: see `Manifest`), since a hash pin is optional
+and an edited manifest must not be served with broken answers.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from models.ood import OODSummary
 from models.preprocessing import Preprocessing
@@ -23,6 +26,14 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TORCHSCRIPT_FILE = "model.ts"
 ONNX_FILE = "model.onnx"
+
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+"""manifest.json is read whole; a larger one (millions of labels) is refused before it is parsed."""
+MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 256
+MAX_EMBEDDING_DIM = 16_384
+
+Label = Annotated[str, StringConstraints(strip_whitespace=False, min_length=1, max_length=MAX_LABEL_CHARS)]
 
 
 class ArtifactError(RuntimeError):
@@ -54,9 +65,9 @@ class Manifest(BaseModel):
     version: str
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     backbone: str
-    labels: list[str]
+    labels: list[Label] = Field(min_length=2, max_length=MAX_LABELS, description="Class names, unique, in logit order.")
     preprocessing: Preprocessing
-    embedding_dim: int
+    embedding_dim: int = Field(gt=0, le=MAX_EMBEDDING_DIM)
     metrics: dict[str, float] = Field(default_factory=dict)
     parity: ParityReport
     onnx_opset: int
@@ -68,6 +79,19 @@ class Manifest(BaseModel):
         "listed in `files`. None for artifacts exported without one (before phase 2, or `--ood-method none`): "
         "they load and serve, without an OOD score.",
     )
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_visible_labels(cls, labels: list[str]) -> list[str]:
+        """A blank label answers nothing readable, and two equal labels make two classes indistinguishable."""
+        blank = [i for i, label in enumerate(labels) if not label.strip()]
+        if blank:
+            raise ValueError(f"labels must not be blank (positions {blank[:5]})")
+        seen: set[str] = set()
+        repeated = [label for label in labels if label in seen or seen.add(label)]
+        if repeated:
+            raise ValueError(f"labels must be unique; repeated: {sorted(set(repeated))[:5]}")
+        return labels
 
     @property
     def num_classes(self) -> int:
@@ -112,13 +136,39 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
     return path
 
 
-def read_manifest(directory: Path) -> Manifest:
-    path = Path(directory) / MANIFEST_FILE
+def inside_artifact(directory: Path, name: str) -> Path:
+    """`directory/name` when it is a regular file of the artifact itself: not a symlink or a path leading out of
+    the folder (a hash check reads whatever a link points at, so a linked file would pass it and a pin)."""
+    path = directory / name
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ArtifactError(f"{directory}: manifest names a file outside the artifact: {name!r}")
+    if path.is_symlink() or path.resolve().parent != directory.resolve():
+        raise ArtifactError(f"{directory}: {name} is a symbolic link or resolves outside the artifact; refused")
     if not path.is_file():
+        raise ArtifactError(f"{directory}: {name} is listed in the manifest but missing (or not a regular file)")
+    return path
+
+
+def _manifest_text(directory: Path) -> str:
+    if not (directory / MANIFEST_FILE).exists() and not (directory / MANIFEST_FILE).is_symlink():
         raise ArtifactError(f"{directory} is not a model artifact: {MANIFEST_FILE} is missing")
+    path = inside_artifact(directory, MANIFEST_FILE)
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path} is larger than {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB; refused unread")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path} is not UTF-8 text: {exc}") from None
+
+
+def read_manifest(directory: Path) -> Manifest:
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    try:
+        raw = json.loads(_manifest_text(directory))
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != FORMAT_VERSION:
@@ -128,7 +178,9 @@ def read_manifest(directory: Path) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise ArtifactError(f"{path} does not match the manifest schema: {exc}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+        raise ArtifactError(f"{path} does not match the manifest schema: {problems}{more}") from None
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
@@ -138,12 +190,7 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
     if manifest.ood is not None and manifest.ood.file is not None and manifest.ood.file not in manifest.files:
         raise ArtifactError(f"{directory}: manifest lists no hash for the OOD file {manifest.ood.file}")
     for name, expected in manifest.files.items():
-        if Path(name).name != name:
-            raise ArtifactError(f"{directory}: manifest names a file outside the artifact: {name!r}")
-        path = directory / name
-        if not path.is_file():
-            raise ArtifactError(f"{directory}: {name} is listed in the manifest but missing")
-        actual = sha256_file(path)
+        actual = sha256_file(inside_artifact(directory, name))
         if actual != expected:
             raise ArtifactError(
                 f"{directory}: {name} does not match its manifest hash (expected {expected[:12]}…, "

@@ -36,7 +36,8 @@ class InferenceOptionsError(ValueError):
 
 
 def check_combination(runtime: str, precision: str) -> None:
-    """Refuse what no machine can run: reduced precision is a TorchScript mode (ONNX runs fp32)."""
+    """Refuse what no machine can run: reduced precision is a TorchScript mode (ONNX runs fp32). Runs once, where
+    options are parsed (`InferenceFields`); everything downstream takes the parsed fields as they are."""
     if runtime == "onnx" and precision != "fp32":
         raise InferenceOptionsError(f"precision {precision} needs the torchscript runtime, not onnx (ONNX runs fp32)")
 
@@ -55,8 +56,8 @@ class InferenceFields(BaseModel):
         return self
 
     def inference_options(self) -> "InferenceOptions":
-        """These fields alone, to resolve with `resolve_inference`."""
-        return InferenceOptions(runtime=self.runtime, device=self.device, precision=self.precision)
+        """These fields alone (already checked: not validated again), e.g. to ship to another process."""
+        return InferenceOptions.model_construct(runtime=self.runtime, device=self.device, precision=self.precision)
 
 
 class InferenceOptions(InferenceFields):
@@ -66,18 +67,14 @@ class InferenceOptions(InferenceFields):
 
 
 class ResolvedInference(BaseModel):
-    """What actually runs: a concrete runtime, device and precision (no `auto`)."""
+    """What actually runs: a concrete runtime, device and precision (no `auto`). Built by `resolve_inference` from
+    options whose combination was checked when they were parsed."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     runtime: ConcreteRuntime
     device: ConcreteDevice
     precision: Precision
-
-    @model_validator(mode="after")
-    def _possible(self) -> "ResolvedInference":
-        check_combination(self.runtime, self.precision)
-        return self
 
     def as_options(self) -> InferenceOptions:
         """The same choice as options (to ship to another process, which resolves it again there)."""
@@ -105,12 +102,11 @@ def fastest_runtime(device: ConcreteDevice) -> ConcreteRuntime:
     return "onnx" if device == "cpu" else "torchscript"
 
 
-def resolve_inference(options: InferenceOptions, cuda_available: bool | None = None) -> ResolvedInference:
+def resolve_inference(options: InferenceFields, cuda_available: bool | None = None) -> ResolvedInference:
     """The one rule: auto device -> cuda when available, else cpu; auto runtime -> torchscript for fp16/bf16
     (a TorchScript mode), else the fastest measured on the device. Raises `DeviceError` for cuda without a
     GPU and `InferenceOptionsError` for combinations no machine runs. `cuda_available` defaults to this
     process's torch; a caller deciding for other machines (Ray actors) passes its own answer."""
-    check_combination(options.runtime, options.precision)
     device = resolve_device(options.device, cuda_available)
     if options.runtime != "auto":
         runtime: ConcreteRuntime = options.runtime

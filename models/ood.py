@@ -25,6 +25,7 @@ Scoring is numpy only: a few matrix products per batch, no second model call.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -43,6 +44,11 @@ DEFAULT_MAX_REFERENCE = 2048
 OOD_FILE = "ood.npz"
 _MIN_FOLDS = 2
 _FOLDS = 5
+MAX_OOD_BYTES = 512 * 1024 * 1024
+"""Most that loading `ood.npz` may allocate: its arrays' sizes are checked against this, and against the shapes the
+manifest's summary implies, from the zip directory and each array's header before any array is read (a 2 MB file
+may declare gigabytes of zeros)."""
+_NPY_HEADER_BYTES = 64 * 1024
 
 # Arrays each method keeps in ood.npz (besides "method", a 0-d string checked against the summary).
 _ARRAYS: dict[str, tuple[str, ...]] = {
@@ -63,7 +69,9 @@ class OODSummary(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: OODMethod
-    threshold: float = Field(description="Flag an image as out-of-distribution when its score is above this.")
+    threshold: float = Field(
+        allow_inf_nan=False, description="Flag an image as out-of-distribution when its score is above this."
+    )
     target_rejection_rate: float = Field(description="Share of in-distribution images meant to be flagged.")
     measured_rejection_rate: float = Field(
         description="Share of the fitting images flagged at the threshold, scored out-of-sample (see calibration)."
@@ -76,8 +84,8 @@ class OODSummary(BaseModel):
     num_classes: int
     embedding_dim: int
     normalize: bool = Field(description="Whether embeddings are L2-normalised before mahalanobis/knn.")
-    k: int | None = Field(default=None, description="knn: the neighbour whose distance is the score.")
-    n_reference: int | None = Field(default=None, description="knn: reference embeddings kept.")
+    k: int | None = Field(default=None, ge=1, description="knn: the neighbour whose distance is the score.")
+    n_reference: int | None = Field(default=None, ge=1, description="knn: reference embeddings kept.")
     shrinkage: float | None = Field(default=None, description="mahalanobis: Ledoit-Wolf shrinkage of the covariance.")
     file: str | None = Field(default=None, description="Artifact file with the arrays, or None when none are needed.")
 
@@ -319,26 +327,67 @@ class OODDetector:
         path = Path(directory) / summary.file
         if not path.is_file():
             raise OODError(f"{path} is missing: the {summary.method} OOD detector cannot be loaded")
+        shapes = _expected_shapes(summary)
+        _check_npz_before_loading(path, summary.method, {"method": ((), "U")} | {name: (shape, "f") for name, shape in shapes.items()})
         try:
             with np.load(path) as data:  # numpy's default allow_pickle=False: no object arrays are unpickled
                 stored = {name: data[name] for name in data.files}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             raise OODError(f"{path} is not a readable OOD parameter file: {exc}") from None
         if str(stored.get("method")) != summary.method or not set(expected) <= set(stored):
             raise OODError(f"{path} holds parameters for {stored.get('method')!s} (arrays {sorted(stored)}), "
                            f"not for the manifest's {summary.method} detector")
         arrays = {name: stored[name] for name in expected}
-        shapes = {
-            "knn": {"reference": (summary.n_reference, summary.embedding_dim)},
-            "mahalanobis": {"means": (summary.num_classes, summary.embedding_dim),
-                            "precision": (summary.embedding_dim, summary.embedding_dim),
-                            "mean_norms": (summary.num_classes,)},
-        }[summary.method]
         for name, shape in shapes.items():
             if arrays[name].shape != shape or not np.isfinite(arrays[name]).all():
                 raise OODError(f"{path}: array {name!r} has shape {arrays[name].shape} (or non-finite values); "
                                f"the manifest's summary implies {shape}")
         return cls(summary=summary, arrays=arrays)
+
+
+def _expected_shapes(summary: OODSummary) -> dict[str, tuple[int, ...]]:
+    """The arrays `summary`'s method stores, with the shapes its counts imply."""
+    if summary.method == "knn":
+        if summary.n_reference is None or summary.k is None:
+            raise OODError("the knn OOD summary lacks n_reference or k")
+        return {"reference": (summary.n_reference, summary.embedding_dim)}
+    return {"means": (summary.num_classes, summary.embedding_dim),
+            "precision": (summary.embedding_dim, summary.embedding_dim),
+            "mean_norms": (summary.num_classes,)}
+
+
+def _check_npz_before_loading(path: Path, method: str, wanted: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """Refuse an `ood.npz` whose members are not exactly `wanted` (name -> (shape, dtype kind)) or would allocate
+    more than MAX_OOD_BYTES, reading only the zip directory and each array's .npy header. numpy allocates what a
+    header declares and zipfile inflates no more than a member's declared size, so these bound the load."""
+    budget = sum(int(np.prod(shape, dtype=np.int64)) * 8 for shape, _ in wanted.values())
+    if budget > MAX_OOD_BYTES:
+        raise OODError(f"{path}: the manifest's OOD summary implies {budget / 2**20:.0f} MiB of parameters, more than "
+                       f"the {MAX_OOD_BYTES // 2**20} MiB allowed")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            names = {f"{name}.npy" for name in wanted}
+            if set(members) != names:
+                raise OODError(f"{path} holds the arrays {sorted(members)[:5]}, not for the manifest's {method} detector "
+                               f"(which stores exactly {sorted(names)})")
+            for name, (shape, kind) in wanted.items():
+                info = members[f"{name}.npy"]
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version not in ((1, 0), (2, 0)):
+                        raise OODError(f"{path}: {name}.npy has .npy format version {version}")
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    found_shape, _, dtype = read_header(member, max_header_size=_NPY_HEADER_BYTES)
+                if tuple(found_shape) != shape or dtype.kind != kind or dtype.hasobject:
+                    raise OODError(f"{path}: {name}.npy declares shape {found_shape} of {dtype}; the manifest's "
+                                   f"summary implies shape {shape} of kind {kind!r}")
+                if info.file_size > int(np.prod(shape, dtype=np.int64)) * dtype.itemsize + _NPY_HEADER_BYTES:
+                    raise OODError(f"{path}: {name}.npy declares {info.file_size} bytes, more than its shape holds")
+    except OODError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise OODError(f"{path} is not a readable OOD parameter file: {exc}") from None
 
 
 def _cross_fitted_mahalanobis(z: np.ndarray, labels: np.ndarray, num_classes: int, folds: int, seed: int) -> np.ndarray:

@@ -10,10 +10,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from models.artifact import ArtifactError, Manifest, load_artifact
+from models.artifact import Artifact, ArtifactError, Manifest, load_artifact
 from models.ood import OODDetector, OODError
 from models.preprocessing import preprocess_batch
-from models.inference import InferenceOptions, cap_top_k, resolve_inference
+from models.inference import InferenceFields, InferenceOptions, ResolvedInference, cap_top_k, resolve_inference
 from models.runtimes import Runtime, load_runtime
 
 
@@ -26,6 +26,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The runtime answered NaN or infinity (a broken model file, a reduced-precision overflow)."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +75,19 @@ class Predictor:
     """One loaded artifact ready for inference: `predict(images)` runs one forward pass for the batch."""
 
     def __init__(
-        self, manifest: Manifest, runtime: Runtime, digest: str | None = None, ood: OODDetector | None = None
+        self,
+        manifest: Manifest,
+        runtime: Runtime,
+        digest: str | None = None,
+        ood: OODDetector | None = None,
+        inference: ResolvedInference | None = None,
     ) -> None:
         self.manifest = manifest
         self.runtime = runtime
         self.digest = digest
         self.ood = ood
+        self.inference = inference
+        """The runtime, device and precision the options resolved to (None for a runtime built by hand)."""
         if ood is not None:
             single_threaded_blas()
 
@@ -84,17 +95,23 @@ class Predictor:
     def from_artifact(
         cls,
         path: str | Path,
-        options: InferenceOptions = InferenceOptions(),
+        options: InferenceFields = InferenceOptions(),
         cuda_available: bool | None = None,
         expected_digest: str | None = None,
     ) -> "Predictor":
         """Load (and verify) an artifact on the runtime, device and precision `options` resolve to; refuse it when
         its digest is not `expected_digest` (if given) or its manifest does not describe its network."""
-        artifact = load_artifact(path, expected_digest)
+        return cls.from_loaded(load_artifact(path, expected_digest), options, cuda_available)
+
+    @classmethod
+    def from_loaded(
+        cls, artifact: Artifact, options: InferenceFields = InferenceOptions(), cuda_available: bool | None = None
+    ) -> "Predictor":
+        """`from_artifact` for an artifact already read and verified by `load_artifact` (its manifest is not read
+        again): its OOD detector and runtime are loaded and checked against the manifest."""
         ood = load_ood(artifact.path, artifact.manifest)
-        predictor = cls(
-            artifact.manifest, load_runtime(artifact, resolve_inference(options, cuda_available)), artifact.digest, ood
-        )
+        inference = resolve_inference(options, cuda_available)
+        predictor = cls(artifact.manifest, load_runtime(artifact, inference), artifact.digest, ood, inference)
         predictor.check_manifest_matches_network()
         return predictor
 
@@ -102,7 +119,16 @@ class Predictor:
         """One forward pass on a blank image: the network must answer one logit per manifest label and an
         embedding of the manifest's size (an edited manifest would otherwise serve wrong or failing answers)."""
         size = self.manifest.preprocessing.image_size
-        logits, embeddings = self.runtime(np.zeros((1, 3, size, size), dtype=np.float32))
+        try:
+            logits, embeddings = self.runtime(np.zeros((1, 3, size, size), dtype=np.float32))
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime and TorchScript raise their own types
+            first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(
+                f"the network refuses the manifest's {size}x{size} input ({first_line}); the artifact is inconsistent "
+                "and is refused"
+            ) from None
+        if not (np.isfinite(logits).all() and np.isfinite(embeddings).all()):
+            raise ArtifactError("the network answers NaN or infinite values on a blank image; the artifact is refused")
         if logits.shape != (1, self.manifest.num_classes):
             raise ArtifactError(
                 f"the manifest lists {self.manifest.num_classes} labels but the network answers {logits.shape[-1]} "
@@ -156,6 +182,18 @@ class Predictor:
 
     def predict(self, images: Sequence[Image.Image]) -> Outputs:
         return self.predict_batch(self.preprocess(images))
+
+    def predict_finite(self, images: Sequence[Image.Image]) -> Outputs:
+        """`predict`, refusing a batch with a NaN or infinite output (`NonFiniteOutputError`): an answer must never
+        carry a null probability (the batch job instead keeps such rows, scored NaN and flagged unknown)."""
+        outputs = self.predict(images)
+        finite = np.isfinite(outputs.probabilities).all(axis=1) & np.isfinite(outputs.embeddings).all(axis=1)
+        if not finite.all():
+            raise NonFiniteOutputError(
+                f"the model produced NaN or infinite outputs for {int((~finite).sum())} of {len(finite)} images "
+                f"(runtime {self.runtime.describe()}); no answer is given"
+            )
+        return outputs
 
     def top_k_indices(self, probabilities: np.ndarray, k: int) -> np.ndarray:
         """(N, k') class indices, most probable first; k' = k capped to [1, number of classes]."""

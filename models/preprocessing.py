@@ -6,7 +6,7 @@ into the transforms that training and inference use, so no other module resizes 
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import numpy as np
 import torch
@@ -15,20 +15,36 @@ from pydantic import BaseModel, ConfigDict, Field
 from torchvision.transforms import v2 as T
 
 
+MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 1024
+"""Bounds of the network input side: every registered backbone trains and serves between them, and a manifest
+naming a larger side would make every blank warm-up batch and every decoded request grow with its square."""
+
+MIN_CROP_PCT = 0.5
+"""A smaller crop would resize each image's shorter side to more than twice `image_size` before cropping."""
+
+ChannelMean = Annotated[float, Field(ge=-10.0, le=10.0, allow_inf_nan=False)]
+ChannelStd = Annotated[float, Field(ge=1e-3, le=10.0, allow_inf_nan=False)]
+"""Finite and bounded: a NaN mean or a zero std turns every pixel into NaN or infinity, and the service would
+answer plausible-looking 200s with null probabilities (pixels are in [0, 1], so real statistics lie well inside)."""
+
+
 class Preprocessing(BaseModel):
     """How raw images become the network's input tensor."""
 
     model_config = ConfigDict(frozen=True)
 
-    image_size: int = Field(gt=0, description="Side of the square network input, in pixels.")
+    image_size: int = Field(
+        ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, description="Side of the square network input, in pixels."
+    )
     resize: Literal["squash", "shorter_side_crop"] = Field(
         description="'squash': resize straight to image_size x image_size; "
         "'shorter_side_crop': resize the shorter side to image_size / crop_pct, then center-crop."
     )
-    crop_pct: float = Field(default=1.0, gt=0, le=1)
+    crop_pct: float = Field(default=1.0, ge=MIN_CROP_PCT, le=1)
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[ChannelMean, ChannelMean, ChannelMean]
+    std: tuple[ChannelStd, ChannelStd, ChannelStd]
     decode: Literal["full", "reduced"] = Field(
         default="full",
         description="'reduced': large images are decoded at reduced size (JPEG DCT scaling, box reduction) to at "
@@ -81,16 +97,6 @@ def eval_geometry(p: Preprocessing) -> T.Compose:
 def eval_transform(p: Preprocessing) -> T.Compose:
     """Deterministic PIL image -> float32 CHW tensor used for validation, export and inference."""
     return T.Compose([eval_geometry(p), ToNormalizedTensor(p)])
-
-
-def train_transform(p: Preprocessing, horizontal_flip: bool = True, min_scale: float = 0.5) -> T.Compose:
-    """Training augmentation: random resized crop (and optional flip) around the same normalisation."""
-    augment: list[T.Transform] = [
-        T.RandomResizedCrop(p.image_size, scale=(min_scale, 1.0), interpolation=_interpolation(p), antialias=True)
-    ]
-    if horizontal_flip:
-        augment.append(T.RandomHorizontalFlip())
-    return T.Compose(augment + [ToNormalizedTensor(p)])
 
 
 def preprocess_batch(images: Sequence[Image.Image], p: Preprocessing) -> np.ndarray:

@@ -54,3 +54,9 @@ def describe_validation_errors(errors: Iterable[Mapping[str, Any]]) -> str:
         return f"{field}: {error['msg']}"
 
     return "; ".join(describe(error) for error in errors)
+
+
+class ModelOutputError(BentoMLException):
+    """The model answered NaN or infinity for a batch: a 500 naming it, never a 200 with null probabilities."""
+
+    error_code = HTTPStatus.INTERNAL_SERVER_ERROR

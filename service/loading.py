@@ -1,4 +1,6 @@
-"""Find the artifact the settings name, load it on the configured runtime and device, and warm it up."""
+"""Find the artifact the settings name, read and verify it once, load it on the configured runtime and device, and
+warm it up. `transfer-serve serve` runs the same `open_artifact` + `load_predictor` before starting BentoML, so an
+artifact the workers would refuse is refused there, with one line."""
 
 from __future__ import annotations
 
@@ -10,8 +12,7 @@ from PIL import Image
 
 from bentoml.exceptions import BentoMLException
 
-from models.artifact import ArtifactError, read_manifest
-from models.preprocessing import Preprocessing
+from models.artifact import Artifact, ArtifactError, load_artifact
 from models.predictor import Predictor
 from service.model_store import stored_artifact_dir
 from service.settings import ServiceSettings
@@ -30,29 +31,31 @@ def artifact_dir(settings: ServiceSettings, stored_model: bentoml.Model | None) 
     )
 
 
-def load_predictor(settings: ServiceSettings, stored_model: bentoml.Model | None) -> Predictor:
-    directory = artifact_dir(settings, stored_model)
-    predictor = Predictor.from_artifact(directory, settings.inference_options(), expected_digest=settings.expect_digest)
+def open_artifact(settings: ServiceSettings, stored_model: bentoml.Model | None) -> Artifact:
+    """The artifact the settings name, read and verified (hashes, digest pin, manifest values): once per process."""
+    return load_artifact(artifact_dir(settings, stored_model), settings.expect_digest)
+
+
+def served_artifact(settings: ServiceSettings) -> Artifact | None:
+    """`open_artifact` at the service module's import, where requests' limits need the model's preprocessing before
+    the model loads (and `bentoml build` imports the module with no model at hand): None when it cannot be opened
+    yet; the worker's `open_artifact` then says why."""
+    try:
+        stored_model = bentoml.models.get(settings.model) if settings.model is not None else None
+        return open_artifact(settings, stored_model)
+    except (ArtifactError, BentoMLException, OSError):
+        return None
+
+
+def load_predictor(settings: ServiceSettings, artifact: Artifact) -> Predictor:
+    """The artifact on the runtime, device and precision the settings resolve to, checked against its network."""
+    predictor = Predictor.from_loaded(artifact, settings)
     manifest = predictor.manifest
     logger.info(
         "serving %s %s (%s, artifact %s) with %s",
         manifest.name, manifest.version, manifest.backbone, predictor.digest, predictor.runtime.describe(),
     )  # fmt: skip
     return predictor
-
-
-def served_preprocessing(settings: ServiceSettings) -> Preprocessing | None:
-    """The preprocessing of the artifact the settings name, read from its manifest alone: requests are parsed and
-    decoded (with its decode path) before the model has loaded. None when no model is named or it cannot be
-    read yet; loading the model then says why."""
-    try:
-        if settings.artifact is not None:
-            return read_manifest(settings.artifact).preprocessing
-        if settings.model is not None:
-            return read_manifest(stored_artifact_dir(bentoml.models.get(settings.model))).preprocessing
-    except (ArtifactError, BentoMLException, OSError):
-        return None
-    return None
 
 
 def warm_up(predictor: Predictor, batches: int, batch_size: int) -> bool:

@@ -14,26 +14,31 @@ import threading
 
 import bentoml
 from bentoml.models import BentoModel
+from PIL import Image
 
-from models.artifact import ArtifactError
 from models.memory import configure_allocator
-from models.predictor import l2_normalize
+from models.predictor import NonFiniteOutputError, Outputs, l2_normalize
 from service.bento_env import baked_envs
 from service.bento_io import ClassifyInput, ClassifyItem, ClassifyOutput, EmbedInput, EmbedItem, EmbedOutput
+from service.errors import ModelOutputError
 from service.bentoml_compat import JSONErrorBody, bound_batch_wait, install_http_guards, install_in_worker
-from service.loading import load_predictor, served_preprocessing, warm_up
+from service.loading import load_predictor, open_artifact, served_artifact, warm_up
 from service.ood_metrics import OODMetrics
 from service.schemas import ClassifyResponse, EmbedResponse, ModelMetadata, ModelRef
 from service.request_guard import RequestGuard
 from service.settings import REQUEST_TIMEOUT_S, ServiceSettings
 from service.unknown_paths import AnswerUnknownPaths
+from service.worker_lifetime import bind_to_server, counting_start
 
+bind_to_server()  # workers die with the serving process; it exits non-zero when they cannot start
 settings = ServiceSettings.from_env(baked_envs(__file__) | dict(os.environ))  # `bentoml serve <bento tag>` too
 # at import, in every worker, before BentoML builds the app and uvicorn loads its config (no hook runs that early):
 # route-labelled metrics and the guarded h11 protocol (header timeout, 431); see service/bentoml_compat.py
 install_http_guards(settings.header_timeout_s)
+# the artifact, read and verified once per worker (None until it can be: the worker's start then says why)
+artifact = served_artifact(settings)
 # one set of limits (and one gate on concurrent decodes) for both APIs; images decode with the model's decode path
-limits = settings.upload_limits(served_preprocessing(settings))
+limits = settings.upload_limits(artifact.manifest.preprocessing if artifact is not None else None)
 # max_batch_size 1 turns adaptive batching off (BentoML refuses a batchable API with a max batch of 1): each
 # request then runs its own images in one forward pass, as soon as it arrives
 BATCHING = (
@@ -51,13 +56,12 @@ class TransferServe:
     stored_model = BentoModel(settings.model) if settings.model else None
 
     def __init__(self) -> None:
+        with counting_start():  # a few failed starts in a row stop the server (service/worker_lifetime.py)
+            self._start()
+
+    def _start(self) -> None:
         configure_allocator()  # decoding memory goes back to the OS (models/memory.py)
-        self.predictor = load_predictor(settings, self.stored_model)
-        if self.predictor.manifest.preprocessing != limits.preprocessing:
-            raise ArtifactError(
-                "the artifact changed while the server started: its preprocessing is not the one requests are "
-                "decoded with; restart the server"
-            )
+        self.predictor = load_predictor(settings, artifact or open_artifact(settings, self.stored_model))
         self.model = ModelRef.of(self.predictor.manifest)
         ood = self.predictor.ood  # metrics are made here, in the worker (service/ood_metrics.py)
         self.ood_metrics = OODMetrics(ood.threshold) if ood is not None else None
@@ -76,7 +80,7 @@ class TransferServe:
     def classify(self, images: list[ClassifyItem]) -> list[ClassifyResponse]:
         """Top-k labels per image, with its out-of-distribution score and `unknown` flag: files under `images`
         (multipart), or JSON `{"images": [base64], "top_k": 3, "unknown_label": true}`."""
-        outputs = self.predictor.predict([item.image for item in images])
+        outputs = self.predict([item.image for item in images])
         scores, unknown = outputs.ood_scores, outputs.unknown
         if self.ood_metrics is not None:
             self.ood_metrics.record(scores, unknown)
@@ -94,11 +98,18 @@ class TransferServe:
     @bentoml.api(input_spec=EmbedInput.with_limits(limits), output_spec=EmbedOutput, **BATCHING)
     def embed(self, images: list[EmbedItem]) -> list[EmbedResponse]:
         """Embedding per image: files under `images` (multipart), or JSON `{"images": [base64], "normalize": true}`."""
-        embeddings = self.predictor.predict([item.image for item in images]).embeddings
+        embeddings = self.predict([item.image for item in images]).embeddings
         return [
             EmbedResponse.for_image(self.model, l2_normalize(row[None])[0] if item.normalize else row, item.normalize)
             for row, item in zip(embeddings, images)
         ]
+
+    def predict(self, images: list[Image.Image]) -> Outputs:
+        """One forward pass for a batch; NaN or infinite outputs become a 500 naming them (models/predictor.py)."""
+        try:
+            return self.predictor.predict_finite(images)
+        except NonFiniteOutputError as exc:
+            raise ModelOutputError(str(exc)) from None
 
     @bentoml.api(route="/metadata")
     def metadata(self) -> ModelMetadata:

@@ -94,8 +94,11 @@ class ServiceSettings(InferenceFields):
         return self
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServiceSettings":
-        """Read every `TRANSFER_SERVE_<FIELD>` variable; unset fields keep their defaults."""
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None
+    ) -> "ServiceSettings":
+        """Read every `TRANSFER_SERVE_<FIELD>` variable, then `overrides` (e.g. command-line options) on top, and
+        validate the result once; unset fields keep their defaults."""
         environ = os.environ if environ is None else environ
         fields = set(cls.model_fields)
         values: dict[str, str] = {}
@@ -107,7 +110,7 @@ class ServiceSettings(InferenceFields):
                 values[name] = value
             else:
                 logger.warning("ignoring %s: not a serving setting (known: %s)", key, ", ".join(sorted(fields)))
-        return cls.model_validate(values)
+        return cls.model_validate(values | dict(overrides or {}))
 
     def to_env(self) -> dict[str, str]:
         """The variables that reproduce these settings in another process (a server, a container)."""
