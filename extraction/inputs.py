@@ -82,8 +82,8 @@ def list_inputs(source: str | Path) -> InputList:
     unlisted: dict[str, str] = {}
     if source.is_dir():
         listing = scan_image_files(source)
-        if source in listing.unlisted:
-            raise ExtractionError(f"{source}: {listing.unlisted[source]}")
+        if os.fspath(source) in listing.unlisted:
+            raise ExtractionError(f"{source}: {listing.unlisted[os.fspath(source)]}")
         unlisted = {os.path.abspath(folder): reason for folder, reason in listing.unlisted.items()}
         raw = [os.path.abspath(path) for path in listing.files] + list(unlisted)
     elif source.is_file() and source.suffix.lower() == ".csv":

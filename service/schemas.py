@@ -44,10 +44,6 @@ _IMAGE_FILES = Field(
     description="One or more image files (JPEG, PNG, WEBP, BMP, GIF, TIFF), repeated under the same field name.",
     json_schema_extra={"items": {"type": "string", "format": "binary"}},
 )
-_BASE64_IMAGES = Field(
-    description="Base64-encoded image files (a data: URI prefix is accepted); http(s) URLs only where the "
-    "operator has enabled URL fetching."
-)
 
 
 class ClassifyForm(ClassifyOptions):
@@ -56,22 +52,10 @@ class ClassifyForm(ClassifyOptions):
     images: list[bytes] = _IMAGE_FILES
 
 
-class ClassifyJSON(ClassifyOptions):
-    """application/json body of /classify, for clients that cannot send multipart."""
-
-    images: list[str] = _BASE64_IMAGES
-
-
 class EmbedForm(EmbedOptions):
     """multipart/form-data body of /embed."""
 
     images: list[bytes] = _IMAGE_FILES
-
-
-class EmbedJSON(EmbedOptions):
-    """application/json body of /embed, for clients that cannot send multipart."""
-
-    images: list[str] = _BASE64_IMAGES
 
 
 # --- responses -------------------------------------------------------------------------------------------------
@@ -208,7 +192,3 @@ class ModelMetadata(BaseModel):
             ood=manifest.ood,
             unknown_as_label=unknown_as_label,
         )
-
-
-class ErrorResponse(BaseModel):
-    error: str = Field(description="What is wrong with the request.")

@@ -109,3 +109,51 @@ def test_ray_resumes_a_local_run_with_the_same_shards(
     summary = run_extraction(config_for(artifact_dir, images, output, "ray"))
     assert (summary.shards_skipped, summary.shards_written) == (1, 3)
     assert_same_output(output, local_output)
+
+
+RAY_PROCESSES = ("raylet", "gcs_server", "dashboard", "runtime_env", "agent")
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_ray_job_ends_the_local_ray_it_started(artifact_dir: Path, tmp_path: Path):
+    """`kill -9` of `extract --engine ray`: the local Ray it started (GCS, raylet, dashboard and runtime-env agents,
+    workers) ends with it (issue 21, item 5)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from test_reliability_extraction_hostile import write_slow_images
+
+    root = Path(__file__).resolve().parents[1]
+    write_slow_images(tmp_path / "in", 400)
+    command = [sys.executable, "-m", "cli", "extract", str(artifact_dir), "--input", str(tmp_path / "in"), "--output",
+               str(tmp_path / "out"), "--engine", "ray", "--ray-num-cpus", "2", "--shard-size", "8", "--batch-size", "4",
+               "--no-progress"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(root)}
+    job = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    family: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "out" / shard_name(0)).exists():
+            assert job.poll() is None, "the job ended before a shard was written"
+            assert time.monotonic() < deadline, "no shard after 240 s"
+            family |= {p.pid: p for p in psutil.Process(job.pid).children(recursive=True)}
+            time.sleep(0.2)
+        family |= {p.pid: p for p in psutil.Process(job.pid).children(recursive=True)}
+        names = " ".join(" ".join(p.cmdline()) for p in family.values() if p.is_running())
+        assert "raylet" in names and "gcs_server" in names, names[:2000]
+        job.kill()
+        job.wait(10)
+        _, alive = psutil.wait_procs(list(family.values()), timeout=30)
+        assert not alive, f"Ray processes alive 30 s after the job was killed: {[p.name() for p in alive]}"
+    finally:
+        if job.poll() is None:
+            job.kill()
+        for process in family.values():
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
