@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from extraction.config import ExtractionError
-from models.image_files import IMAGE_SUFFIXES, scan_image_files
+from models.image_files import IMAGE_SUFFIXES, is_utf8, scan_image_files, utf8_display
 
 
 class InputRow(BaseModel):
@@ -49,11 +49,12 @@ class InputList:
 def _manifest_paths(manifest: Path, raw: Sequence[object]) -> list[str]:
     paths = []
     for row_number, value in enumerate(raw, start=1):
+        undecodable = isinstance(value, str) and not is_utf8(value)  # a CSV's non-UTF-8 bytes, surrogate-escaped
         try:
-            row = InputRow(path=value)  # type: ignore[arg-type]
+            row = InputRow(path=utf8_display(value) if undecodable else value)  # type: ignore[arg-type]
         except ValidationError as exc:
             raise ExtractionError(f"{manifest}, row {row_number}: path {exc.errors()[0]['msg']}") from None
-        path = Path(row.path)
+        path = Path(value.strip() if undecodable else row.path)  # pydantic holds UTF-8 text only: keep the bytes
         paths.append(os.path.abspath(path if path.is_absolute() else manifest.parent / path))
     return paths
 
