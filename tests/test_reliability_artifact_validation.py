@@ -183,7 +183,7 @@ def _ood_cases(summary: dict) -> dict[str, tuple[Callable[[], bytes], str]]:
         "pickled object array": (lambda: _npz({"method": np.array("knn"), "reference": np.array([{}] * n, dtype=object)}),
                                  "declares shape"),
         "header declares a huge shape": (lambda: _zip_bomb("reference.npy", (n * 100_000, dim), 1 << 20), "declares shape"),
-        "member inflates past its shape": (lambda: _zip_bomb("reference.npy", (n, dim), 256 << 20), "more than its shape"),
+        "member inflates past its shape": (lambda: _zip_bomb("reference.npy", (n, dim), 64 << 20), "more than its shape"),
         "extra member": (lambda: _npz({"method": np.array("knn"), "reference": good, "extra": good}), "not for the manifest"),
         "method array of the wrong kind": (
             lambda: _npz({"method": np.array([1, 2]), "reference": good}), "declares shape"),
