@@ -125,7 +125,7 @@ def test_sigkill_of_a_ray_job_ends_the_local_ray_it_started(artifact_dir: Path, 
 
     import psutil
 
-    from test_reliability_extraction_hostile import write_slow_images
+    from test_reliability_extraction_hostile import kill_leftovers, write_slow_images
 
     root = Path(__file__).resolve().parents[1]
     write_slow_images(tmp_path / "in", 400)
@@ -150,10 +150,4 @@ def test_sigkill_of_a_ray_job_ends_the_local_ray_it_started(artifact_dir: Path, 
         _, alive = psutil.wait_procs(list(family.values()), timeout=30)
         assert not alive, f"Ray processes alive 30 s after the job was killed: {[p.name() for p in alive]}"
     finally:
-        if job.poll() is None:
-            job.kill()
-        for process in family.values():
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_leftovers(job, family.values())

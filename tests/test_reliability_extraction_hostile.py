@@ -96,6 +96,15 @@ def write_slow_images(folder: Path, count: int) -> None:
         os.link(folder / "img_0000.png", folder / f"img_{i:04d}.png")  # hard links: distinct paths, one file
 
 
+def kill_leftovers(started: subprocess.Popen, family) -> None:
+    """End a test's process and every process seen under it, even those already adopted by PID 1."""
+    if started.poll() is None:
+        started.kill()
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
 @pytest.mark.slow
 def test_sigkill_of_the_job_ends_its_decoding_workers(artifact_dir: Path, tmp_path: Path) -> None:
     write_slow_images(tmp_path / "in", 400)
@@ -118,11 +127,7 @@ def test_sigkill_of_the_job_ends_its_decoding_workers(artifact_dir: Path, tmp_pa
         gone, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive, f"decoding workers still alive 10 s after the job was killed: {alive}"
     finally:
-        if job.poll() is None:
-            job.kill()
-        for worker in workers:  # this test's own processes, even once adopted by PID 1
-            with contextlib.suppress(psutil.NoSuchProcess):
-                worker.kill()
+        kill_leftovers(job, workers)
 
 
 def test_full_disk_is_one_error_line_and_resume_is_byte_identical(artifact_dir: Path, digits_dir: Path, tmp_path: Path,

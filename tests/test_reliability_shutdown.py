@@ -22,6 +22,7 @@ import pytest
 from service.bentoml_compat import stop_listening
 from service.launch import SERVICE_IMPORT, free_port
 from service.worker_lifetime import FAILED_STARTS_EXIT_CODE, MAX_FAILED_STARTS
+from test_reliability_extraction_hostile import kill_leftovers
 from test_service import SERVER_ENV, running_server
 
 pytestmark = pytest.mark.slow
@@ -138,11 +139,7 @@ def test_sigkill_of_serve_ends_its_workers_and_frees_the_port(artifact_dir: Path
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
     finally:
-        if server.poll() is None:
-            server.kill()
-        for process in family:  # this test's own processes, even once adopted by PID 1
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+        kill_leftovers(server, family)
 
 
 def test_bentoml_serve_exits_non_zero_after_a_few_failed_worker_starts(artifact_dir: Path, tmp_path: Path):
@@ -172,8 +169,4 @@ def test_bentoml_serve_exits_non_zero_after_a_few_failed_worker_starts(artifact_
         assert f"error: the server stopped: {MAX_FAILED_STARTS} worker start(s) failed in a row" in text
         assert "refuses the manifest's 48x48 input" in text
     finally:
-        if server.poll() is None:
-            server.kill()
-        for process in family:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+        kill_leftovers(server, family)
