@@ -319,13 +319,6 @@ def open_image(
             yield OpenedImage(image=image, plan=plan_decode(image, preprocessing, decoder), budget=budget)
 
 
-def decode_cost(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, preprocessing: Preprocessing | None = None) -> int:
-    """Bytes `load_image` will hold at most to decode `data` (`DecodePlan.peak_bytes`), read from the header
-    alone; raises ImageDecodeError for what `load_image` would refuse from the header."""
-    with open_image(data, max_pixels, preprocessing=preprocessing) as opened:
-        return opened.plan.peak_bytes
-
-
 def _reduced_side(preprocessing: Preprocessing | None) -> int | None:
     if preprocessing is None or preprocessing.decode != "reduced":
         return None

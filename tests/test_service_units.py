@@ -200,13 +200,13 @@ def test_decodes_wait_for_a_slot_of_the_process(monkeypatch):
 
     limits = UploadLimits(max_images=3, max_pixels=10_000, max_body_bytes=200_000, decode_slots=threading.BoundedSemaphore(1))
     held, seen = [], []
-    real = uploads.load_image
+    real = uploads.OpenedImage.decode
 
-    def spy(*args, **kwargs):
+    def spy(self):
         held.append(limits.decode_slots._value)  # slots free while this decode runs
-        return real(*args, **kwargs)
+        return real(self)
 
-    monkeypatch.setattr(uploads, "load_image", spy)
+    monkeypatch.setattr(uploads.OpenedImage, "decode", spy)
     decode_images([("a", PNG), ("b", PNG)], limits)
     assert held == [0, 0]
     assert limits.decode_slots.acquire(blocking=False)  # released afterwards
