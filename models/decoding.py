@@ -3,17 +3,20 @@
 The one decoding function (`load_image`) that training, export's parity check, evaluation, the HTTP
 service and the batch job all call, so a model meets the same pixels in production as in training.
 
-What an input may cost is checked from its header before any pixel is decoded: the declared pixel count,
-and the bytes the decoded image will occupy (by mode: a 16-bit or RGBA image costs more per pixel than
-an 8-bit grey one). A file is read only when it is a regular file of bounded size (never a FIFO, device
-or socket), and a sniff of an unknown file reads a few header bytes, never the whole file.
+What an input may cost is checked from its header before any pixel is decoded (`open_image`, which parses
+each header once): the declared pixel count, and what the decode will hold at once (`DecodePlan.peak_bytes`:
+the pixels as decoded, by mode, the decoder's own buffers, and every copy the crop, reduction and RGB
+conversion make; not the file's mode alone). Its CPU is bounded where the work runs (models/decode_limits.py).
+A file is read only when it is a regular file of bounded size (never a FIFO, device or socket), and a sniff
+of an unknown file reads a few header bytes, never the whole file.
 
 With a `Preprocessing` whose `decode` is ``"reduced"`` (every artifact trained since 2026-11-27), large
 images are decoded straight to a reduced size: JPEG through libjpeg's DCT scaling (Pillow's draft
 mode), every format through an integer box reduction right after decoding, so the full-size pixels are
 dropped at once. The reduced image keeps its shorter side at least twice the side the network's resize
-step needs (`reduced_min_side`), and the usual antialiased resize does the rest. ``"full"`` (older
-artifacts) decodes every pixel, as those models were trained.
+step needs (`reduced_min_side`), and its longer side at most `MAX_KEPT_ASPECT` times that (see `DecodePlan`),
+and the usual antialiased resize does the rest. ``"full"`` (older artifacts) decodes every pixel, as those
+models were trained. Conversion to RGB happens here, once; `normalized_chw` takes RGB.
 """
 
 from __future__ import annotations
@@ -215,7 +218,7 @@ def _working_mode(mode: str, has_alpha: bool) -> str:
     """The mode an image is box-reduced in: its own when Pillow can reduce it, else 8-bit grey or RGB(A)."""
     if mode in SIXTEEN_BIT_MODES or mode == "1":
         return "L"
-    if mode == "P":
+    if mode in ("P", "PA"):  # palette indices cannot be averaged
         return "RGBA" if has_alpha else "RGB"
     return mode
 
@@ -372,7 +375,7 @@ def _reduce(image: Image.Image, plan: DecodePlan, budget: CpuBudget) -> Image.Im
     if plan.factors == (1, 1):
         return image.crop(plan.crop) if plan.crop else image
     box = plan.crop or (0, 0, *image.size)
-    working = _working_mode(image.mode, image.mode == "P" and _palette_has_alpha(image))
+    working = _working_mode(image.mode, image.mode == "PA" or (image.mode == "P" and _palette_has_alpha(image)))
     if working == image.mode:
         return image.reduce(plan.factors, box=box)
     convert = _band_converter(image, working)
