@@ -283,7 +283,10 @@ class OpenedImage:
             self.budget.check()
             reduced = _reduce(self.image, self.plan, self.budget)
             self.budget.check()
-            return _to_rgb(_upright(reduced))
+            rgb = _to_rgb(_upright(reduced))
+        if rgb is not self.image:
+            self.image.close()  # the full-size pixels go now, not when the caller's last opened image does
+        return rgb
 
     def check_bytes(self, limit: int) -> None:
         """Refuse the decode when its plan holds more than `limit` bytes at once."""

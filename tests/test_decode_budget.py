@@ -229,3 +229,13 @@ def test_unsupported_formats_are_not_parsed(fmt: str, monkeypatch: pytest.Monkey
     with pytest.raises(ImageDecodeError, match="unsupported image format"):
         load_image(data)
     assert opened == []
+
+
+def test_the_full_size_pixels_are_freed_as_soon_as_the_reduced_image_exists() -> None:
+    """The service opens every image of a request first (one header parse each): each decoded source must go
+    when its reduced image is made, not when the request's last image is done (14 16-bit PNGs held 1 GB)."""
+    with open_image(_generated("16-bit PNG", (3000, 2000)), preprocessing=SQUASH) as opened:
+        reduced = opened.decode()
+        with pytest.raises(ValueError, match="closed"):
+            opened.image.getpixel((0, 0))
+    assert reduced.mode == "RGB" and reduced.size == (750, 500)
