@@ -198,15 +198,16 @@ def _reduction(size: tuple[int, int], p: Preprocessing) -> tuple[tuple[int, int,
 
 def _decoder_bytes(image: Image.Image) -> int:
     """What the decoder keeps besides the image: a progressive JPEG's DCT coefficients (2 bytes each, for every
-    block of every component, whatever the draft scale) and WebP's RGBA canvas."""
+    block of every component, whatever the draft scale); for WebP, libwebp's two RGBA canvases and the frame
+    Pillow copies out of them (so a WebP costs 16 bytes a pixel: the default per-image limit admits 15 MP)."""
     if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
         width, height = image.size
         layers = getattr(image, "layer", None) or [("", 1, 1, 0)] * len(image.getbands())
         h_max = max(h for _, h, _, _ in layers) or 1
         v_max = max(v for _, _, v, _ in layers) or 1
         return sum(2 * width * height * h * v // (h_max * v_max) for _, h, v, _ in layers)
-    if image.format == "WEBP":
-        return 4 * image.size[0] * image.size[1]
+    if image.format == "WEBP":  # libwebp's animation decoder (Pillow's only path): two canvases, then a bytes copy
+        return 3 * 4 * image.size[0] * image.size[1]
     return 0
 
 
@@ -286,6 +287,8 @@ class OpenedImage:
             rgb = _to_rgb(_upright(reduced))
         if rgb is not self.image:
             self.image.close()  # the full-size pixels go now, not when the caller's last opened image does
+        if getattr(self.image, "_decoder", None) is not None:  # Pillow's WebP decoder keeps its two canvases
+            self.image._decoder = None  # type: ignore[attr-defined]  until the image object goes
         return rgb
 
     def check_bytes(self, limit: int) -> None:
