@@ -192,9 +192,9 @@ async def _multipart_source(index: int, value: UploadFile | str) -> ImageSource:
 
 def check_json_size(body: bytes, max_images: int) -> None:
     """Refuse a JSON body holding more values than its images and options need, from byte counts alone (no
-    parse): every value after the first follows a ',' and every key precedes a ':'; base64 holds neither (a data:
-    URI one of each). A 33 MB body of options-only keys made json.loads build 800 MB of objects."""
-    allowed = 2 * max_images + MAX_JSON_OPTION_VALUES
+    parse): every value after the first follows a ',' and every key precedes a ':'; base64 holds neither, a data:
+    URI one of each (so 3 per image). A 33 MB body of options-only keys made json.loads build 800 MB of objects."""
+    allowed = 3 * max_images + MAX_JSON_OPTION_VALUES
     separators = body.count(b",") + body.count(b":")
     if separators > allowed:
         raise PayloadTooLarge(
