@@ -121,6 +121,9 @@ def encoded(image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
+MIX = ("1-bit PNG", "L PNG", "RGBA PNG", "JPEG", "GIF", "16-bit TIFF", "WebP")
+
+
 @functools.lru_cache(maxsize=None)
 def wide_payloads(kind: str) -> bytes:
     """One very wide image of each class issue 21 found."""
@@ -271,7 +274,8 @@ def post_embed(url: str, payloads: list[bytes] | "JSONBody", name: str) -> tuple
         else:
             files = [("images", (f"{name}_{i}", data, "application/octet-stream")) for i, data in enumerate(payloads)]
             response = client.post(f"{url}/embed", files=files)
-    return response.status_code, response.text[:160] + (f" ... ({len(response.text)} chars)" if len(response.text) > 160 else "")
+    text = response.text
+    return response.status_code, text[:160] + (f" ... ({len(text)} chars)" if len(text) > 160 else "")
 
 
 class JSONBody:
@@ -350,7 +354,7 @@ CASES = {
     "w5": ("8 x 65535x610 16-bit TIFF (deflate), one /embed", lambda: ([wide_payloads("16-bit TIFF")] * 8, 1)),
     "w6": ("4 x 65535x610 1-bit PNG, 4 requests at once", lambda: ([wide_payloads("1-bit PNG")] * 4, 4)),
     "w7": ("a mix: 1-bit, L, RGBA PNG, JPEG, GIF, 16-bit TIFF (65535x610), WebP (16383x900)",
-           lambda: ([wide_payloads(k) for k in ("1-bit PNG", "L PNG", "RGBA PNG", "JPEG", "GIF", "16-bit TIFF", "WebP")], 1)),
+           lambda: ([wide_payloads(k) for k in MIX], 1)),
     "j1": ("30 MB JSON body of options-only keys", lambda: (options_only_json(), 1)),
     "j2": ("JSON body with 50 unknown keys of 400 kB each (20 MB)", lambda: (long_unknown_keys(), 1)),
     "p1": ("progressive JPEG, 2000x2000, its last scan repeated to 3,000 scans", lambda: ([many_scan_jpeg()], 1)),

@@ -158,7 +158,6 @@ def reduced_min_side(p: Preprocessing) -> int:
 def plan_decode(image: Image.Image, preprocessing: Preprocessing | None, decoder_bytes: int = 0) -> DecodePlan:
     """The plan for an opened (header read, JPEG draft set) image; `decoder_bytes`: what its decoder keeps
     besides the image (`_decoder_bytes`, read before the draft). See `DecodePlan`."""
-    width, height = image.size
     mode = image.mode
     crop, factors = None, (1, 1)
     if preprocessing is not None and preprocessing.decode == "reduced":
@@ -173,7 +172,8 @@ def plan_decode(image: Image.Image, preprocessing: Preprocessing | None, decoder
     else:
         working = _working_mode(mode, has_alpha)
         band = min(region[1], max(factors[1], BAND_PIXELS // max(region[0], 1)))
-        banded = 0 if working == mode else 2 * (storage_bytes(mode, (region[0], band)) + storage_bytes(working, (region[0], band)))
+        band_bytes = storage_bytes(mode, (region[0], band)) + storage_bytes(working, (region[0], band))
+        banded = 0 if working == mode else 2 * band_bytes  # a band's crop and conversion, and its reduction
         work = banded + storage_bytes(working, reduced) + _conversion_peak(working, reduced, has_alpha)
     return DecodePlan(mode=mode, size=image.size, crop=crop, factors=factors, peak_bytes=decoder + work)
 

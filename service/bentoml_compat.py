@@ -596,7 +596,9 @@ class GuardedH11Protocol(H11Protocol):
         self.loop.call_later(LINGER_S, self.transport.close)
 
 
-def install_guarded_protocol(header_timeout_s: float, send_timeout_s: float = GuardedH11Protocol.send_timeout_s) -> type:
+def install_guarded_protocol(
+    header_timeout_s: float, send_timeout_s: float = GuardedH11Protocol.send_timeout_s
+) -> type:
     """Make uvicorn's "auto" HTTP protocol `GuardedH11Protocol`: `uvicorn.Config.load()` resolves the alias
     when the worker's server starts, so this must run before."""
     from uvicorn.protocols.http import auto
@@ -629,7 +631,7 @@ class ClientErrorsOneLine(logging.Filter):
         if status >= 500:
             return True
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        record.msg = capped("%s -> %d %s" % (record.getMessage(), status, first_line))  # a 4xx line quotes a bounded part
+        record.msg = capped("%s -> %d %s" % (record.getMessage(), status, first_line))  # bounded, like the answer
         record.args = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info, record.exc_text = None, None
