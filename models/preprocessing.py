@@ -66,9 +66,11 @@ def normalized_chw(image: Image.Image, p: Preprocessing, out: np.ndarray | None 
     The one normalisation: training (through `ToNormalizedTensor`) and every runtime use it. Plain numpy,
     because torch's elementwise kernels on single images cost tens of ms each on a busy 2-core machine
     (intra-op thread hand-offs; docs/BENCHMARKS.md, Service)."""
+    if image.mode != "RGB":  # converting is decoding's job (models/decoding.py), done once there
+        raise ValueError(f"normalized_chw takes RGB images (models.decoding.load_image makes them), not {image.mode}")
     if out is None:
         out = np.empty((3, image.height, image.width), dtype=np.float32)
-    pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.float32)
+    pixels = np.asarray(image, dtype=np.float32)
     np.multiply(pixels.transpose(2, 0, 1), np.float32(1 / 255), out=out)
     out -= np.asarray(p.mean, dtype=np.float32)[:, None, None]
     out /= np.asarray(p.std, dtype=np.float32)[:, None, None]

@@ -15,8 +15,9 @@ in one place, `service.bentoml_compat` (`RequestParsingInput`, `MergingOutput`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Iterator, Self, Sequence
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, SkipValidation
@@ -45,6 +46,19 @@ class ClassifyItem:
 class EmbedItem:
     image: Image.Image
     normalize: bool
+
+
+@contextlib.contextmanager
+def released_after(items: Sequence[ClassifyItem | EmbedItem]) -> Iterator[None]:
+    """Free the batch's decoded pixels once its forward pass is done (or failed): BentoML's dispatcher keeps the
+    last batch's items referenced until that endpoint's next batch (`CorkDispatcher`'s `inputs_info`), which
+    held up to a request's worth of images per endpoint after the answer. `Image.close()` drops the pixel
+    memory whoever still holds the item."""
+    try:
+        yield
+    finally:
+        for item in items:
+            item.image.close()
 
 
 class ImageBatchInput(RequestParsingInput):

@@ -82,7 +82,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import describe_validation_errors
+from service.errors import capped, describe_validation_errors
 
 logger = logging.getLogger("bentoml.transfer_serve")
 
@@ -259,7 +259,7 @@ def error_message(body: Any) -> str | None:
     detail = body.get("detail")
     if isinstance(detail, list) and detail and all(isinstance(d, dict) and "msg" in d for d in detail):
         return describe_validation_errors(detail)  # pydantic's, serialised by BentoML
-    return body["error"]
+    return capped(body["error"])
 
 
 class JSONErrorBody:
@@ -374,7 +374,15 @@ UNMATCHED_ROUTE_LABEL = "<unmatched>"
 BENTOML_HTTP_APP_LOGGER = "bentoml._internal.server.http_app"
 """The logger of BentoML's `log_exception` ("Exception on PATH [METHOD]"), called for every error an API raises."""
 
-GUARDED_H11_METHODS = ("connection_made", "data_received", "on_response_complete", "send_400_response", "connection_lost")
+GUARDED_H11_METHODS = (
+    "connection_made",
+    "data_received",
+    "on_response_complete",
+    "send_400_response",
+    "connection_lost",
+    "pause_writing",
+    "resume_writing",
+)
 """The uvicorn `H11Protocol` methods `GuardedH11Protocol` overrides."""
 
 METRICS_SETUP_ATTRIBUTES = (
@@ -481,15 +489,41 @@ class GuardedH11Protocol(H11Protocol):
       is closed lingeringly (EOF sent, input read and discarded for `LINGER_S`), so that a client still sending
       reads the answer instead of a reset. uvicorn answers 400 whatever the error and closes at once.
 
+    - a response the client does not read must drain: once the transport's write buffer is over its high-water
+      mark (asyncio calls `pause_writing`; uvicorn then blocks the app's send), it must fall below it again
+      (`resume_writing`) within `send_timeout_s`, else the connection is aborted, its buffer dropped. uvicorn
+      waits forever, so 30 clients that never read held their answers (1.2 GB) as long as they liked.
+
     Installing it as uvicorn's "auto" protocol also pins the parser to h11 (httptools, if it were installed,
     would otherwise be picked, and it sets no header-size limit at all)."""
 
     header_timeout_s: float = 60.0
+    send_timeout_s: float = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: Any = None
+        self._send_timer: Any = None
         self._draining = False
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._on_send_timeout)
+
+    def resume_writing(self) -> None:
+        self._cancel_send_timer()
+        super().resume_writing()
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _on_send_timeout(self) -> None:
+        self._send_timer = None
+        self.logger.debug("aborting a connection: the client read nothing for %g s", self.send_timeout_s)
+        self.transport.abort()
 
     def _serving(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -516,6 +550,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_send_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -561,20 +596,23 @@ class GuardedH11Protocol(H11Protocol):
         self.loop.call_later(LINGER_S, self.transport.close)
 
 
-def install_guarded_protocol(header_timeout_s: float) -> type:
+def install_guarded_protocol(
+    header_timeout_s: float, send_timeout_s: float = GuardedH11Protocol.send_timeout_s
+) -> type:
     """Make uvicorn's "auto" HTTP protocol `GuardedH11Protocol`: `uvicorn.Config.load()` resolves the alias
     when the worker's server starts, so this must run before."""
     from uvicorn.protocols.http import auto
 
     GuardedH11Protocol.header_timeout_s = header_timeout_s
+    GuardedH11Protocol.send_timeout_s = send_timeout_s
     auto.AutoHTTPProtocol = GuardedH11Protocol
     return GuardedH11Protocol
 
 
-def install_http_guards(header_timeout_s: float) -> None:
+def install_http_guards(header_timeout_s: float, send_timeout_s: float = GuardedH11Protocol.send_timeout_s) -> None:
     """Run when the service module is imported (see the module docstring for why not from a hook)."""
     install_route_labelled_metrics()
-    install_guarded_protocol(header_timeout_s)
+    install_guarded_protocol(header_timeout_s, send_timeout_s)
 
 
 class ClientErrorsOneLine(logging.Filter):
@@ -593,7 +631,7 @@ class ClientErrorsOneLine(logging.Filter):
         if status >= 500:
             return True
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        record.msg = "%s -> %d %s" % (record.getMessage(), status, first_line)
+        record.msg = capped("%s -> %d %s" % (record.getMessage(), status, first_line))  # bounded, like the answer
         record.args = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info, record.exc_text = None, None

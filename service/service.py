@@ -19,7 +19,15 @@ from PIL import Image
 from models.memory import configure_allocator
 from models.predictor import NonFiniteOutputError, Outputs, l2_normalize
 from service.bento_env import baked_envs
-from service.bento_io import ClassifyInput, ClassifyItem, ClassifyOutput, EmbedInput, EmbedItem, EmbedOutput
+from service.bento_io import (
+    ClassifyInput,
+    ClassifyItem,
+    ClassifyOutput,
+    EmbedInput,
+    EmbedItem,
+    EmbedOutput,
+    released_after,
+)
 from service.errors import ModelOutputError
 from service.bentoml_compat import JSONErrorBody, bound_batch_wait, install_http_guards, install_in_worker
 from service.loading import load_predictor, open_artifact, served_artifact, warm_up
@@ -34,7 +42,7 @@ bind_to_server()  # workers die with the serving process; it exits non-zero when
 settings = ServiceSettings.from_env(baked_envs(__file__) | dict(os.environ))  # `bentoml serve <bento tag>` too
 # at import, in every worker, before BentoML builds the app and uvicorn loads its config (no hook runs that early):
 # route-labelled metrics and the guarded h11 protocol (header timeout, 431); see service/bentoml_compat.py
-install_http_guards(settings.header_timeout_s)
+install_http_guards(settings.header_timeout_s, settings.send_timeout_s)
 # the artifact, read and verified once per worker (None until it can be: the worker's start then says why)
 artifact = served_artifact(settings)
 # one set of limits (and one gate on concurrent decodes) for both APIs; images decode with the model's decode path
@@ -80,7 +88,8 @@ class TransferServe:
     def classify(self, images: list[ClassifyItem]) -> list[ClassifyResponse]:
         """Top-k labels per image, with its out-of-distribution score and `unknown` flag: files under `images`
         (multipart), or JSON `{"images": [base64], "top_k": 3, "unknown_label": true}`."""
-        outputs = self.predict([item.image for item in images])
+        with released_after(images):
+            outputs = self.predict([item.image for item in images])
         scores, unknown = outputs.ood_scores, outputs.unknown
         if self.ood_metrics is not None:
             self.ood_metrics.record(scores, unknown)
@@ -98,7 +107,8 @@ class TransferServe:
     @bentoml.api(input_spec=EmbedInput.with_limits(limits), output_spec=EmbedOutput, **BATCHING)
     def embed(self, images: list[EmbedItem]) -> list[EmbedResponse]:
         """Embedding per image: files under `images` (multipart), or JSON `{"images": [base64], "normalize": true}`."""
-        embeddings = self.predict([item.image for item in images]).embeddings
+        with released_after(images):
+            embeddings = self.predict([item.image for item in images]).embeddings
         return [
             EmbedResponse.for_image(self.model, l2_normalize(row[None])[0] if item.normalize else row, item.normalize)
             for row, item in zip(embeddings, images)

@@ -15,6 +15,7 @@ from typing import Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.decode_limits import DEFAULT_MAX_DECODE_CPU_S
 from models.decoding import DEFAULT_MAX_PIXELS
 from models.memory import ALLOCATOR_ENV
 from models.preprocessing import Preprocessing
@@ -61,6 +62,12 @@ class ServiceSettings(InferenceFields):
         description="Per request: the bytes its images take decoded (by mode, after reduced JPEG decoding), summed "
         "and checked from the headers before decoding (then 413).",
     )
+    max_decode_cpu_s: float = Field(
+        DEFAULT_MAX_DECODE_CPU_S,
+        gt=0,
+        description="Per image: CPU seconds its decode may take (header, pixels, conversion), checked as it runs "
+        "(then 422). Decoding also stops when the request times out or its client disconnects.",
+    )
     max_concurrent_decodes: int = Field(
         2, ge=1, description="Images decoded at the same time in one server process (bounds decoding memory)."
     )
@@ -80,6 +87,12 @@ class ServiceSettings(InferenceFields):
         lt=REQUEST_TIMEOUT_S,
         description="A request's body must be complete this long after the server starts reading it; else 408 "
         "and the connection is closed.",
+    )
+    send_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A response the client stops reading (the server's send buffer full) must drain within this "
+        "long; else the connection is aborted and the response dropped.",
     )
     unknown_as_label: bool = Field(
         False,
@@ -127,6 +140,7 @@ class ServiceSettings(InferenceFields):
             max_images=self.max_images_per_request,
             max_pixels=self.max_pixels,
             max_request_decode_bytes=self.max_request_decode_bytes,
+            max_decode_cpu_s=self.max_decode_cpu_s,
             decode_slots=threading.BoundedSemaphore(self.max_concurrent_decodes),
             preprocessing=preprocessing,
             max_body_bytes=self.max_body_bytes,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Generic, Sequence, TypeVar
+from typing import AsyncIterator, Generic, Iterator, Sequence, TypeVar
 
+import anyio
 import anyio.to_thread
 import httpx
 from PIL import Image
@@ -23,7 +25,8 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from models.decoding import ImageDecodeError, decode_cost, load_image
+from models.decode_limits import DEFAULT_MAX_DECODE_CPU_S
+from models.decoding import ImageDecodeError, OpenedImage, default_decode_bytes, open_image
 from models.memory import trim_after
 from models.preprocessing import Preprocessing
 from service.errors import (
@@ -37,6 +40,10 @@ from service.errors import (
 IMAGES_FIELD = "images"
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 MAX_TEXT_FIELDS = 64
+MAX_JSON_OPTION_VALUES = 64
+"""JSON values (keys, numbers, strings, lists, objects) a JSON body may hold besides its images."""
+DISCONNECT_POLL_S = 0.25
+"""How often a request whose images are being decoded checks that its client is still there."""
 
 Options = TypeVar("Options", bound=BaseModel)
 
@@ -52,6 +59,7 @@ class UploadLimits:
     allow_url_fetch: bool = False
     url_fetch_timeout_s: float = 10.0
     max_request_decode_bytes: int = 1024 * 1024 * 1024
+    max_decode_cpu_s: float = DEFAULT_MAX_DECODE_CPU_S
     decode_slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
     preprocessing: Preprocessing | None = None
 
@@ -81,7 +89,8 @@ async def read_image_request(
         sources, text_fields = await parse_form(request.headers, body, limits)
         fields = form_field_values(text_fields)
     elif media_type == "application/json":
-        sources, fields = parse_json(body)
+        check_json_size(body, limits.max_images)  # before json.loads: what it builds is bounded by these counts
+        sources, fields = await anyio.to_thread.run_sync(parse_json, body)  # off the event loop
     else:
         raise UnsupportedMediaType(
             f"unsupported content type {media_type!r}: send multipart/form-data with image files under "
@@ -90,8 +99,36 @@ async def read_image_request(
     options = validate_options(options_model, fields)
     check_image_count(len(sources), limits.max_images)
     blobs = [await resolve_source(source, limits) for source in sources]
-    images = await anyio.to_thread.run_sync(decode_images, blobs, limits)
+    images = await decode_while_connected(request, blobs, limits)
     return ImageRequest(images=images, options=options)
+
+
+async def decode_while_connected(
+    request: Request, blobs: Sequence[tuple[str, bytes]], limits: UploadLimits
+) -> list[Image.Image]:
+    """`decode_images` in a worker thread, stopped (at its next read) when this request is cancelled (BentoML's
+    request timeout) or its client disconnects: the thread's work would serve nobody."""
+    cancelled = threading.Event()
+    async with anyio.create_task_group() as tasks:
+
+        async def watch_client() -> None:
+            while not await request.is_disconnected():
+                await anyio.sleep(DISCONNECT_POLL_S)
+            cancelled.set()
+
+        tasks.start_soon(watch_client)
+        try:
+            outcome: list[Image.Image] | Exception = await anyio.to_thread.run_sync(
+                decode_images, blobs, limits, cancelled, abandon_on_cancel=True
+            )
+        except Exception as exc:  # raised below, outside the task group (which would wrap it in a group)
+            outcome = exc
+        finally:
+            cancelled.set()
+            tasks.cancel_scope.cancel()
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -151,6 +188,19 @@ async def _multipart_source(index: int, value: UploadFile | str) -> ImageSource:
     if _is_url(value):
         return ImageSource(name=name, url=value.strip())
     raise RequestError(f"{name} must be an uploaded file, not a text field")
+
+
+def check_json_size(body: bytes, max_images: int) -> None:
+    """Refuse a JSON body holding more values than its images and options need, from byte counts alone (no
+    parse): every value after the first follows a ',' and every key precedes a ':'; base64 holds neither, a data:
+    URI one of each (so 3 per image). A 33 MB body of options-only keys made json.loads build 800 MB of objects."""
+    allowed = 3 * max_images + MAX_JSON_OPTION_VALUES
+    separators = body.count(b",") + body.count(b":")
+    if separators > allowed:
+        raise PayloadTooLarge(
+            f"JSON body holds about {separators} values, over the limit of {allowed} for {max_images} images and "
+            f"their options ({MAX_JSON_OPTION_VALUES} option values)"
+        )
 
 
 def parse_json(body: bytes) -> tuple[list[ImageSource], dict[str, object]]:
@@ -250,30 +300,45 @@ async def fetch_url(name: str, url: str, limits: UploadLimits) -> bytes:
         raise UnprocessableImage(f"{name}: could not fetch {url}: {exc}") from None
 
 
-def decode_images(blobs: Sequence[tuple[str, bytes]], limits: UploadLimits) -> list[Image.Image]:
+def decode_images(
+    blobs: Sequence[tuple[str, bytes]], limits: UploadLimits, cancelled: threading.Event | None = None
+) -> list[Image.Image]:
     """Decode a request's images one at a time, each straight to the size the model needs (the served model's
     decode path) and only while holding one of the process's decode slots, after checking from the headers
-    that their decoded size fits the request's budget. Every upload is decoded fully, so a truncated file
-    fails here, not in the batch; the error names the bad one."""
+    (each parsed once) that what their decodes hold fits the per-image and per-request budgets. Every upload
+    is decoded fully, so a truncated file fails here, not in the batch; the error names the bad one. `cancelled`
+    stops the work at its next read."""
     total = 0
-    for name, data in blobs:
-        try:
-            total += decode_cost(data, limits.max_pixels, preprocessing=limits.preprocessing)
-        except ImageDecodeError as exc:
-            raise UnprocessableImage(f"{name}: {exc}") from None
-    if total > limits.max_request_decode_bytes:
-        raise PayloadTooLarge(
-            f"the request's images would take {total} bytes decoded, over the per-request limit of "
-            f"{limits.max_request_decode_bytes} (max_request_decode_bytes); send fewer or smaller images"
-        )
-    images = []
-    try:
+    with contextlib.ExitStack() as stack:
+        opened: list[OpenedImage] = []
         for name, data in blobs:
-            try:
-                with limits.decode_slots:
-                    images.append(load_image(data, max_pixels=limits.max_pixels, preprocessing=limits.preprocessing))
-            except ImageDecodeError as exc:
-                raise UnprocessableImage(f"{name}: {exc}") from None
-    finally:
-        trim_after(total)  # the full-size pixels are freed by now: give their pages back to the OS
-    return images
+            with _named(name):
+                image = stack.enter_context(
+                    open_image(data, limits.max_pixels, preprocessing=limits.preprocessing,
+                               max_cpu_s=limits.max_decode_cpu_s, cancelled=cancelled)
+                )
+                image.check_bytes(default_decode_bytes(limits.max_pixels))
+                opened.append(image)
+        total = sum(image.plan.peak_bytes for image in opened)
+        if total > limits.max_request_decode_bytes:
+            raise PayloadTooLarge(
+                f"the request's images would take {total} bytes decoded, over the per-request limit of "
+                f"{limits.max_request_decode_bytes} (max_request_decode_bytes); send fewer or smaller images"
+            )
+        images = []
+        try:
+            for (name, _), image in zip(blobs, opened):
+                with _named(name), limits.decode_slots:
+                    images.append(image.decode())
+        finally:
+            trim_after(total)  # the full-size pixels are freed by now: give their pages back to the OS
+        return images
+
+
+@contextlib.contextmanager
+def _named(name: str) -> Iterator[None]:
+    """An ImageDecodeError as the 422 naming the upload it is about."""
+    try:
+        yield
+    except ImageDecodeError as exc:
+        raise UnprocessableImage(f"{name}: {exc}") from None

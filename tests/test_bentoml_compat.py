@@ -262,18 +262,22 @@ def test_uvicorn_h11_protocol_has_what_the_guard_overrides():
     assert "timeout_keep_alive_task = self.loop.call_later" in inspect.getsource(H11Protocol.on_response_complete)
 
 
-def _serve_guarded(header_timeout_s: float, probe) -> Any:
-    """Run an in-process uvicorn server with `GuardedH11Protocol` on a free loopback port; `probe(port)` runs in a
-    thread while it serves. Returns what the probe returns."""
-
+def _ok_app():
     async def app(scope, receive, send) -> None:
         if scope["type"] != "http":
             return
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
+    return app
+
+
+def _serve_guarded(header_timeout_s: float, probe, app=None, send_timeout_s: float | None = None) -> Any:
+    """Run an in-process uvicorn server with `GuardedH11Protocol` (serving `app`, by default one answering "ok")
+    on a free loopback port; `probe(port)` runs in a thread while it serves. Returns what the probe returns."""
+
     async def run() -> Any:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="error",
+        config = uvicorn.Config(app or _ok_app(), host="127.0.0.1", port=0, lifespan="off", log_level="error",
                                 http=bentoml_compat.GuardedH11Protocol)  # fmt: skip
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve())
@@ -286,12 +290,44 @@ def _serve_guarded(header_timeout_s: float, probe) -> Any:
             server.should_exit = True
             await serving
 
-    original = bentoml_compat.GuardedH11Protocol.header_timeout_s
-    bentoml_compat.GuardedH11Protocol.header_timeout_s = header_timeout_s
+    protocol = bentoml_compat.GuardedH11Protocol
+    original = protocol.header_timeout_s, protocol.send_timeout_s
+    protocol.header_timeout_s = header_timeout_s
+    protocol.send_timeout_s = send_timeout_s or original[1]
     try:
         return asyncio.run(run())
     finally:
-        bentoml_compat.GuardedH11Protocol.header_timeout_s = original
+        protocol.header_timeout_s, protocol.send_timeout_s = original
+
+
+def test_guarded_protocol_aborts_a_response_the_client_does_not_read():
+    """A client that requests a large answer and never reads: the app's sends stop blocking (the connection is
+    aborted) about `send_timeout_s` after the send buffer filled, instead of never."""
+    import threading
+    import time
+
+    finished = threading.Event()
+
+    async def large_answer(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        chunk = b"x" * (1 << 20)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(64 * len(chunk)).encode())]})
+        for _ in range(64):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        finished.set()
+
+    def probe(port: int) -> float | None:
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", port))
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            start = time.monotonic()
+            return time.monotonic() - start if finished.wait(6) else None  # never reads a byte
+
+    waited = _serve_guarded(60, probe, app=large_answer, send_timeout_s=0.5)
+    assert waited is not None and waited < 4, waited
 
 
 def _seconds_until_eof(sock: socket.socket, limit_s: float) -> float | None:

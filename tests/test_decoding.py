@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.decoding import ImageDecodeError, decoded_bytes, load_image, read_image_file, reduced_min_side
+from models.decoding import ImageDecodeError, load_image, read_image_file, reduced_min_side, storage_bytes
 from models.preprocessing import Preprocessing, preprocess_batch
 
 HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "hymenoptera"
@@ -80,18 +80,20 @@ def test_sixteen_bit_png_is_scaled_without_a_float_copy():
     assert np.asarray(image)[..., 0].max() == 255 and np.asarray(image)[0, 0, 0] == 0
 
 
-def test_decoded_bytes_count_mode():
-    assert decoded_bytes("L", (100, 100)) == 10_000
-    assert decoded_bytes("I;16", (100, 100)) == 20_000
-    assert decoded_bytes("RGB", (100, 100)) == 40_000  # stored as RGBX
-    assert decoded_bytes("RGBA", (100, 100)) == 40_000
+def test_storage_bytes_count_mode():
+    assert storage_bytes("L", (100, 100)) == 10_000
+    assert storage_bytes("I;16", (100, 100)) == 20_000
+    assert storage_bytes("RGB", (100, 100)) == 40_000  # stored as RGBX
+    assert storage_bytes("RGBA", (100, 100)) == 40_000
 
 
 def test_decoded_bytes_limit_is_checked_before_decoding():
+    """What a decode holds at once is counted, not the file's mode: a full-size RGBA decode also holds its RGB
+    composite and the alpha channel it is pasted through (4 + 4 + 1 bytes a pixel)."""
     data = _png(Image.new("RGBA", (300, 300)))
     with pytest.raises(ImageDecodeError, match="bytes decoded"):
-        load_image(data, max_decoded_bytes=300 * 300 * 3)
-    assert load_image(data, max_decoded_bytes=300 * 300 * 4).size == (300, 300)
+        load_image(data, max_decoded_bytes=300 * 300 * 4)
+    assert load_image(data, max_decoded_bytes=300 * 300 * 9).size == (300, 300)
 
 
 def test_draft_reduction_counts_toward_the_decoded_bytes_not_the_declared_size():

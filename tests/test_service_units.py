@@ -200,13 +200,13 @@ def test_decodes_wait_for_a_slot_of_the_process(monkeypatch):
 
     limits = UploadLimits(max_images=3, max_pixels=10_000, max_body_bytes=200_000, decode_slots=threading.BoundedSemaphore(1))
     held, seen = [], []
-    real = uploads.load_image
+    real = uploads.OpenedImage.decode
 
-    def spy(*args, **kwargs):
+    def spy(self):
         held.append(limits.decode_slots._value)  # slots free while this decode runs
-        return real(*args, **kwargs)
+        return real(self)
 
-    monkeypatch.setattr(uploads, "load_image", spy)
+    monkeypatch.setattr(uploads.OpenedImage, "decode", spy)
     decode_images([("a", PNG), ("b", PNG)], limits)
     assert held == [0, 0]
     assert limits.decode_slots.acquire(blocking=False)  # released afterwards
@@ -364,3 +364,63 @@ def test_store_tag_from_manifest(artifact_dir):
     manifest = load_artifact(artifact_dir).manifest
     assert store_tag(manifest) == f"{manifest.name}:{manifest.version}".lower()
     assert store_tag(manifest, "Other Name").startswith("other-name:")
+
+
+# --- issue 21: bounded error answers, JSON bodies, pixels released after their batch ---------------------------
+
+
+def test_an_error_naming_many_fields_names_a_few_and_counts_the_rest():
+    fields = {f"key_{i:06d}_" + "x" * 200: 1 for i in range(100_000)}
+    with pytest.raises(RequestError) as raised:
+        validate_options(ClassifyOptions, fields)
+    message = str(raised.value)
+    assert len(message) < 1_000 and "and 99995 more errors" in message and message.count("unknown field") == 5
+
+
+def test_request_error_messages_are_capped():
+    assert len(str(RequestError("field " + "k" * 5_000_000 + " is given more than once"))) < 1_100
+
+
+def test_a_four_xx_log_line_is_capped():
+    import logging
+
+    from service.bentoml_compat import ClientErrorsOneLine
+
+    try:
+        raise RequestError("x" * 1_000_000)
+    except RequestError:
+        import sys
+
+        record = logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on /%s [POST]", ("p" * 20_000,), sys.exc_info())
+    ClientErrorsOneLine().filter(record)
+    assert record.levelno == logging.WARNING and len(record.getMessage()) < 1_100
+
+
+def test_a_json_body_of_many_option_values_is_refused_before_parsing(monkeypatch):
+    import json
+
+    import service.uploads as uploads
+
+    body = json.dumps({"images": [base64.b64encode(PNG).decode()], **{f"k{i}": i for i in range(10_000)}}).encode()
+    parsed = []
+    monkeypatch.setattr(uploads, "parse_json", lambda body: parsed.append(body))
+    response = _parsing_app(ClassifyOptions).post("/", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "values, over the limit" in response.json()["error"]
+    assert parsed == [] and len(response.text) < 1_000
+
+
+def test_a_json_body_with_images_and_options_still_parses():
+    body = {"images": ["data:image/png;base64," + base64.b64encode(PNG).decode()] * 3, "top_k": 2}
+    response = _parsing_app(ClassifyOptions).post("/", json=body)
+    assert response.status_code == 200 and response.json()["options"]["top_k"] == 2
+
+
+def test_batch_pixels_are_released_after_the_forward_pass_even_when_it_fails():
+    from service.bento_io import ClassifyItem, released_after
+
+    items = [ClassifyItem(image=Image.new("RGB", (64, 64)), top_k=1) for _ in range(3)]
+    with pytest.raises(RuntimeError), released_after(items):
+        raise RuntimeError("forward pass failed")
+    for item in items:
+        with pytest.raises(ValueError, match="closed"):
+            item.image.load()
