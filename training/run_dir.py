@@ -17,10 +17,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, overload
+from typing import Any, Literal, Sequence, overload
 
 import torch
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter
 
 from models.files import atomic_write, atomic_write_bytes, atomic_write_text
 from models.ood import OOD_FILE, OODDetector, OODSummary
@@ -107,64 +107,67 @@ _SKIPPED = TypeAdapter(list[SkippedImage])
 _HISTORY = TypeAdapter(list[EpochRecord])
 
 
-@dataclass
-class Checkpoint:
-    """The state after an epoch: enough to resume the run exactly, and to export it."""
+class RunState(BaseModel):
+    """Where a run stands: what a checkpoint saves, a resumed run starts from, and the result reports."""
 
-    model: StateDict
-    optimizer: StateDict
-    scheduler: StateDict
-    epoch: int
-    best_epoch: int
-    best_key: tuple[float, float]
-    """(validation accuracy, -validation loss) of the best epoch: the larger, the better."""
-    history: list[EpochRecord]
-    labels: list[str]
-    backbone: str
-    config: TrainConfig
-    phase: str = "select"
+    history: list[EpochRecord] = Field(default_factory=list)
+    next_epoch: int = 0
+    """Next validation interval of the current phase."""
+    best_epoch: int = -1
+    """Index of the best validation of the selection run."""
+    best_key: tuple[float, float] = (-1.0, 0.0)
+    """(validation accuracy, -validation loss) of the best validation: the larger, the better."""
+    phase: Literal["select", "refit", "done"] = "select"
     """'select' (training on train, validating), 'refit' (training on train+val) or 'done'."""
     step: int = 0
     """Optimizer steps done in `phase`."""
     best_step: int = 0
     refit_steps: int = 0
+    """Steps of the refit on train+val (0: no refit)."""
+
+    @property
+    def epochs_without_improvement(self) -> int:
+        return self.next_epoch - 1 - self.best_epoch if self.history else 0
+
+
+@dataclass
+class Checkpoint:
+    """The state after a validation interval: enough to resume the run exactly, and to export it."""
+
+    model: StateDict
+    optimizer: StateDict
+    scheduler: StateDict
+    state: RunState
+    labels: list[str]
+    backbone: str
+    config: TrainConfig
 
     def to_state(self) -> dict[str, Any]:
-        """Plain tensors, numbers, strings, lists and dicts only: loadable with `weights_only=True`."""
+        """Plain tensors, numbers, strings, lists and dicts only: loadable with `weights_only=True`. The run
+        state's fields are stored flat, `next_epoch` as `epoch` (the last finished interval), as before."""
+        state = self.state.model_dump(mode="json", exclude={"next_epoch"})
         return {
             "model": self.model,
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
-            "epoch": self.epoch,
-            "best_epoch": self.best_epoch,
-            "best_key": list(self.best_key),
-            "history": [h.model_dump() for h in self.history],
+            "epoch": self.state.next_epoch - 1,
+            **state,
             "labels": self.labels,
             "backbone": self.backbone,
             "config": self.config.model_dump(mode="json"),
-            "phase": self.phase,
-            "step": self.step,
-            "best_step": self.best_step,
-            "refit_steps": self.refit_steps,
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Checkpoint":
+        fields = {k: state[k] for k in RunState.model_fields if k in state and k != "next_epoch"}
         return cls(
             model=state["model"],
             optimizer=state["optimizer"],
             scheduler=state["scheduler"],
-            epoch=state["epoch"],
-            best_epoch=state["best_epoch"],
-            best_key=(float(state["best_key"][0]), float(state["best_key"][1])),
-            history=_HISTORY.validate_python(state["history"]),
+            state=RunState.model_validate({"phase": "done"} | fields | {"next_epoch": state["epoch"] + 1}),
             labels=list(state["labels"]),
             backbone=state["backbone"],
             config=TrainConfig.model_validate(state["config"]),
-            phase=state.get("phase", "done"),
-            step=int(state.get("step", 0)),
-            best_step=int(state.get("best_step", 0)),
-            refit_steps=int(state.get("refit_steps", 0)),
         )
 
 
