@@ -145,6 +145,8 @@ def _report_training(result) -> None:
     test = result.test
     if result.skipped:
         typer.echo(f"skipped {len(result.skipped)} unreadable images (listed in {RunDir(result.run_dir).skipped})")
+    if result.selection is not None:
+        typer.echo(result.selection.describe())
     if test.source == "none":
         typer.echo(f"no held-out estimate: {test.note}")
         typer.echo(f"run directory: {result.run_dir}")
@@ -154,8 +156,11 @@ def _report_training(result) -> None:
             typer.echo(f"artifact: {result.artifact}  (digest {manifest_digest(result.artifact)})")
         return
     low, high = test.accuracy_ci95 or (0.0, 1.0)
-    chosen = f"best validation at step {result.best_step}" + (
-        f", refit on train+val for {result.refit_steps} steps" if result.refit_steps else "")
+    if result.selection is not None and result.selection.chosen == "probe":
+        chosen = "the probe (a linear head on the frozen backbone)" + (", refit on train+val" if result.plan.select else "")
+    else:
+        chosen = f"best validation at step {result.best_step}" + (
+            f", refit on train+val for {result.refit_steps} steps" if result.refit_steps else "")
     what = "held-out test images" if test.source == "test" else "validation images; NO test split, optimistic"
     typer.echo(
         f"{'test' if test.source == 'test' else 'validation'} accuracy {test.accuracy:.4f} "

@@ -63,7 +63,13 @@ class TrainConfig(BaseModel):
     refit: bool = Field(default=True, description="After choosing the step count on validation, retrain on "
                         "train+val for that many steps (scaled to the larger set) and export that model.")
     min_val_images: int = Field(default=50, ge=1, description="With fewer validation images than this, a chosen step "
-                                "count would be noise: no selection run; every labelled image trains for the budget's steps.")
+                                "count would be noise: the fine-tune's step count is not chosen on validation (one "
+                                "validation at the end of its run, to compare it with the probe); with --candidate "
+                                "finetune, no selection run: every labelled image trains for the budget's steps.")
+    candidate: Literal["auto", "probe", "finetune"] = Field(
+        default="auto", description="What the run exports: auto (the probe or the fine-tune, whichever scores higher "
+        "on the validation split), probe (a linear head on the frozen backbone, C by k-fold cross-validation) or "
+        "finetune.")
     # --- the recipe ------------------------------------------------------------------------------------------
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-3, gt=0, description="Learning rate of the head; lower groups get less.")

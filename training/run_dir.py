@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from models.files import atomic_write, atomic_write_bytes, atomic_write_text
 from models.ood import OOD_FILE, OODDetector, OODSummary
+from training.candidates.selection import CandidateName, Selection
 from training.config import TrainConfig
 from training.data import DataError, SkippedImage, Splits, read_csv_manifest, split_records, write_csv_manifest
 from training.evaluate import EvaluationReport, save_confusion_matrix_png
@@ -74,6 +75,10 @@ class RunPlan(BaseModel):
     reason: str = ""
     threads: int | None = None
     """CPU intra-op threads the run trains with (chosen by the speed probe unless --threads sets them)."""
+    candidates: list[CandidateName] = ["finetune"]
+    """What the run trains and chooses between (`training.candidates.selection`)."""
+    choose_steps: bool = True
+    """False: too few validation images to choose a step count on; the selection run validates once, at its end."""
 
     def describe(self) -> str:
         if not self.select:
@@ -90,9 +95,16 @@ class RunPlan(BaseModel):
         budget = f" of a {_duration(self.time_budget_seconds)} budget" if self.time_budget_seconds else ""
         probe = f" (probe: {self.seconds_per_step:.2f} s/step" if self.seconds_per_step is not None else ""
         probe += (f", {self.threads} thread{'s' if self.threads > 1 else ''})" if self.threads else ")") if probe else ""
-        return (f"plan: {self.steps} steps of {self.batch_size} at {self.train_image_size} px on {self.train_images} "
-                f"images, validating every {self.eval_every} steps on {self.val_images}{refit}; serving at "
-                f"{self.image_size} px; test split {self.test_images} images{estimate}{budget}{probe}"
+        validating = (f"validating every {self.eval_every} steps on {self.val_images}" if self.choose_steps else
+                      f"validating once, at the end, on {self.val_images} (too few to choose a step count on)")
+        fine_tune = (f"fine-tune: {self.steps} steps of {self.batch_size} at {self.train_image_size} px on "
+                     f"{self.train_images} images, {validating}{refit}; ") if "finetune" in self.candidates else ""
+        probe_candidate = ("probe: a linear head on the frozen backbone, C by k-fold cross-validation on the "
+                           f"{self.train_images} training images, scored on the {self.val_images} validation images; "
+                           ) if "probe" in self.candidates else ""
+        return (f"plan: {probe_candidate}{fine_tune}the better on validation is exported" if len(self.candidates) > 1
+                else f"plan: {probe_candidate}{fine_tune}".rstrip("; ")) + (
+                f"; serving at {self.image_size} px; test split {self.test_images} images{estimate}{budget}{probe}"
                 + (f"; {self.reason}" if self.reason else ""))
 
 
@@ -124,6 +136,9 @@ class RunState(BaseModel):
     best_step: int = 0
     refit_steps: int = 0
     """Steps of the refit on train+val (0: no refit)."""
+    selection: Selection | None = None
+    """Which candidate the run exports, with each candidate's estimate (None: not chosen yet, or a run from
+    before the probe candidate: the fine-tune)."""
 
     @property
     def epochs_without_improvement(self) -> int:
@@ -216,6 +231,9 @@ class RunDir:
     plan = RunFile("plan.json")  # the `RunPlan`: steps, resolution, time estimate
     best_weights = RunFile("best.pt")  # best validation weights of the selection run
     refit_weights = RunFile("refit.pt")  # the refit's weights (train+val, the chosen step count)
+    probe_weights = RunFile("probe.pt")  # the probe candidate fitted on train (what its estimate and temperature use)
+    probe_refit_weights = RunFile("probe_refit.pt")  # the probe refitted on train+val (exported when it wins)
+    selection = RunFile("selection.json")  # the `Selection`: the chosen candidate and every candidate's estimate
     final_weights = RunFile("model.pt")  # refit (or best) weights with the temperature folded in
     calibration = RunFile("calibration.json")  # the fitted softmax temperature
     history = RunFile("history.json")  # one `EpochRecord` per epoch
@@ -274,6 +292,18 @@ class RunDir:
 
     def load_refit_weights(self, map_location: str | torch.device = "cpu") -> StateDict:
         return _load_torch(self.refit_weights, map_location)
+
+    def save_probe_weights(self, state_dict: StateDict, refit: bool = False) -> None:
+        _save_torch(self.probe_refit_weights if refit else self.probe_weights, state_dict)
+
+    def load_probe_weights(self, map_location: str | torch.device = "cpu", refit: bool = False) -> StateDict:
+        return _load_torch(self.probe_refit_weights if refit else self.probe_weights, map_location)
+
+    def save_selection(self, selection: Selection) -> None:
+        atomic_write_text(self.selection, selection.model_dump_json(indent=2))
+
+    def load_selection(self) -> Selection:
+        return Selection.model_validate_json(self.selection.read_text())
 
     def save_plan(self, plan: "RunPlan") -> None:
         atomic_write_text(self.plan, plan.model_dump_json(indent=2))

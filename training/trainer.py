@@ -7,8 +7,11 @@ and how a resumed run reads it back, is `training.run_dir.RunDir`'s.
 - `training.setup.build_setup`: decode the images once into memory (`training.cache`), measure the speed
   (`training.speed`), plan steps and training resolution into `--time-budget` (`training.plan`), build the
   network, optimizer and loss (`training.optim`).
-- `training.candidates.finetune`: the selection run and the refit (`training.loop` trains each phase).
-- `training.finish.calibrate_and_test`: temperature, OOD detector, held-out estimate.
+- `train_candidates`: the candidates of the plan, each estimated on the validation split, the best one kept
+  (`training.candidates.selection`): the probe (`training.candidates.probe`, seconds) and the fine-tune's
+  selection run (`training.candidates.finetune`; `training.loop` trains each phase); then the winner's refit on
+  train+val.
+- `training.finish.calibrate_and_test`: temperature, OOD detector, held-out estimate of the chosen weights.
 - `export_if_requested`: the artifact (`training.export`).
 """
 
@@ -22,15 +25,18 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from models.inference import resolve_device
-from training.candidates.finetune import resume_finetune, train_finetune
+from training.candidates import finetune
+from training.candidates.probe import refit_probe, train_probe
+from training.candidates.selection import Selection, choose
 from training.config import TrainConfig
 from training.data import DataError, SkippedImage, Splits, discover_images, scan_readable, split_records
 from training.evaluate import EvaluationReport
 from training.export import export_run
-from training.finish import calibrate_and_test
+from training.finish import ChosenWeights, calibrate_and_test
+from training.loop import save_checkpoint
 from training.plan import EXPORT_OVERHEAD_SECONDS
 from training.run_dir import EpochRecord, RunDir, RunPlan, RunState
-from training.setup import build_setup
+from training.setup import TrainingSetup, build_setup
 
 
 class TrainResult(BaseModel):
@@ -42,6 +48,11 @@ class TrainResult(BaseModel):
     skipped: list[SkippedImage]
     artifact: Path | None
     plan: RunPlan | None = None
+
+    @property
+    def selection(self) -> Selection | None:
+        """The exported candidate and every candidate's estimate (None: a fine-tune with nothing to compare)."""
+        return self.state.selection
 
     @property
     def history(self) -> list[EpochRecord]:
@@ -96,6 +107,51 @@ def export_if_requested(config: TrainConfig, run: RunDir) -> Path | None:
     return run.artifact
 
 
+def train_candidates(config: TrainConfig, run: RunDir, setup: TrainingSetup, state: RunState,
+                     show_progress: bool) -> RunState:
+    """The plan's candidates trained on the train split and estimated on the validation split; the best is kept
+    (`training.candidates.selection.choose`) and refit on train+val: the probe in seconds, the fine-tune for the
+    chosen step count. Only the winner's refit is paid for."""
+    candidates = setup.plan.candidates
+    if state.phase == "select":
+        probe = train_probe(config, run, setup, show_progress) if "probe" in candidates else None
+        estimates = [probe.estimate] if probe else []
+        if "finetune" in candidates:
+            finetune.run_selection(config, run, setup, state, show_progress)
+            if setup.plan.select:
+                estimates.append(finetune.estimate(setup, state))
+        if estimates:
+            state.selection = choose(estimates)
+            run.save_selection(state.selection)
+            if show_progress:
+                tqdm.write(state.selection.describe())
+        if probe and state.selection.chosen == "probe":
+            if setup.plan.select:
+                refit_probe(config, run, setup, probe)
+            state.phase = "done"
+            save_checkpoint(config, run, setup, state)
+        elif state.phase == "select":
+            finetune.start_refit(config, run, setup, state, show_progress)
+    if state.phase == "refit":
+        finetune.run_refit(config, run, setup, state, show_progress)
+    return state
+
+
+def chosen_weights(run: RunDir, setup: TrainingSetup, state: RunState) -> ChosenWeights:
+    """The weights of the chosen candidate: those calibrated on validation, and those exported."""
+    device, held_out = setup.device, setup.plan.select
+    if state.selection is not None and state.selection.chosen == "probe":
+        probe = run.load_probe_weights(device)
+        final = run.load_probe_weights(device, refit=True) if held_out else probe
+        return ChosenWeights("probe", calibrate=probe if held_out else None, final=final, refit=held_out)
+    if not held_out:
+        return ChosenWeights("finetune", calibrate=None, final=run.load_refit_weights(device), refit=True)
+    best = run.load_best_weights(device)
+    refit = setup.plan.refit and run.refit_weights.exists()
+    return ChosenWeights("finetune", calibrate=best, final=run.load_refit_weights(device) if refit else best,
+                         refit=refit)
+
+
 def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     threads = torch.get_num_threads()
     try:
@@ -113,9 +169,9 @@ def _train(config: TrainConfig, show_progress: bool) -> TrainResult:
     if config.time_budget is not None:
         reserve = EXPORT_OVERHEAD_SECONDS if config.export else 0.0
         setup.deadline = (started if not config.resume else time.perf_counter()) + config.time_budget - reserve
-    state = resume_finetune(config, run, setup) if config.resume else RunState()
-    state = train_finetune(config, run, setup, state, show_progress)
+    state = finetune.resume_finetune(config, run, setup) if config.resume else RunState()
+    state = train_candidates(config, run, setup, state, show_progress)
     run.save_history(state.history)
-    test = calibrate_and_test(config, run, setup)
+    test = calibrate_and_test(config, run, setup, chosen_weights(run, setup, state))
     artifact = export_if_requested(config, run)
     return TrainResult(run_dir=run.root, state=state, test=test, skipped=skipped, artifact=artifact, plan=setup.plan)
