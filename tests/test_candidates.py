@@ -165,3 +165,22 @@ def test_a_binding_time_budget_drops_the_refit_before_it_cuts_steps():
     assert "no refit" in plan.reason and plan.estimated_seconds <= 300
     slow = plan_run(config, splits, probe=lambda side: (2.0, 0.001))
     assert not slow.refit and 10 < slow.steps < 300 and slow.estimated_seconds <= 300
+
+
+def test_the_cli_says_which_candidate_won_with_each_estimate(digits_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(digits_dir), "--output", str(out), "--weights", "none", "--image-size", "32",
+            "--train-image-size", "32", "--steps", "2", "--eval-every", "1", "--batch-size", "16", "--workers", "0",
+            "--time-budget", "none", "--threads", "1", "--min-val-images", "1", "--no-export"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    selection = json.loads((out / "selection.json").read_text())
+    shown = {e["candidate"]: e["accuracy"] for e in selection["estimates"]}
+    assert set(shown) == {"probe", "finetune"}
+    assert f"chosen: {selection['chosen']} (validation accuracy on 9 images: probe {shown['probe']:.4f}, " \
+           f"finetune {shown['finetune']:.4f})" in result.output
+    assert json.loads((out / "plan.json").read_text())["candidates"] == ["probe", "finetune"]

@@ -4,7 +4,9 @@ A run directory holds everything a run produces, so an interrupted run resumes f
 `splits.csv` (the exact train/val/test split), `skipped.json` (unreadable images and why),
 `plan.json` (steps, resolution, time estimate), `checkpoint.pt` (last validation or refit interval: model,
 optimizer, scheduler, phase, history and the run's configuration), `best.pt` (best validation weights of the
-selection run), `refit.pt` (the refit on train+val), `model.pt` (refit, or best, weights with the fitted
+selection run), `refit.pt` (the refit on train+val), `probe.pt` and `probe_refit.pt` (the probe candidate fitted
+on train, and on train+val), `selection.json` (the chosen candidate and each one's estimate), `model.pt` (the
+chosen candidate's refit, or best, weights with the fitted
 softmax temperature folded in: what is tested and exported), `calibration.json`, `history.json`, `test_report.json`, `confusion_matrix.png`,
 the out-of-distribution detector fitted on the final model (`ood.json`, its summary, and `ood.npz`, its
 arrays, when the method has any) and the exported `artifact/`. Every file is written atomically (`models.files.atomic_write`): a crash
