@@ -165,6 +165,8 @@ def test_a_binding_time_budget_drops_the_refit_before_it_cuts_steps():
     assert "no refit" in plan.reason and plan.estimated_seconds <= 300
     slow = plan_run(config, splits, probe=lambda side: (2.0, 0.001))
     assert not slow.refit and 10 < slow.steps < 300 and slow.estimated_seconds <= 300
+    few = plan_run(config, _splits(10), probe=lambda side: (2.0, 0.001))  # 15 validate once, at the end
+    assert not few.choose_steps and not few.refit and few.eval_every == few.steps < 200
 
 
 def test_the_cli_says_which_candidate_won_with_each_estimate(digits_dir, tmp_path):

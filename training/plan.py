@@ -47,7 +47,7 @@ def plan_run(config: TrainConfig, splits: Splits, seconds_so_far: float = 0.0, p
     fixed = config.steps is not None or config.epochs is not None
 
     def interval(steps: int) -> int:
-        return config.evaluation_interval(steps, n_train) if choose_steps else steps
+        return config.evaluation_interval(steps, n_train) if choose_steps else max(1, steps)
 
     def plan(steps: int, train_side: int, **timing) -> RunPlan:
         return RunPlan(steps=steps, eval_every=interval(steps), train_image_size=train_side,
