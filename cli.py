@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
+import types
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, Union, get_args, get_origin
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
+from pydantic.fields import FieldInfo
 
 from models.inference import DEFAULT_TOP_K
 
@@ -73,67 +76,39 @@ def demo_data(output: Path = typer.Argument(DEFAULT_DEMO_DIR / "digits", help="F
     typer.echo(f"wrote {count} images to {output}")
 
 
-def _option(field: str, *flags: str) -> typer.models.OptionInfo:
-    """A CLI option whose default and help come from TrainConfig, so the two never disagree."""
-    from training.config import TrainConfig
+def _cli_type(info: FieldInfo) -> type:
+    """The type typer parses a field's flag as: text for choices (`Literal`) and for fields a validator parses from
+    text (a duration); the field's own type otherwise. pydantic validates the value either way."""
+    parsed_from_text = any(isinstance(m, BeforeValidator) for m in info.metadata)
+    annotation = info.annotation
+    union = get_origin(annotation) in (Union, types.UnionType)
+    optional = union and type(None) in get_args(annotation)
+    kinds = [a for a in get_args(annotation) if a is not type(None)] if union else [annotation]
+    if len(kinds) > 1 or parsed_from_text:
+        base: type = str
+    elif get_origin(kinds[0]) is Literal:
+        base = str
+    else:
+        base = kinds[0]
+    return Optional[base] if optional or info.default is None else base  # type: ignore[return-value]
 
-    info = TrainConfig.model_fields[field]
-    return typer.Option(info.default, *flags, help=info.description)
+
+def config_options(model: type[BaseModel], skip: set[str]) -> list[inspect.Parameter]:
+    """One keyword-only option per field of `model` (but `skip`): flag, default and help from the field, so every
+    field has a flag and the two never disagree; a bool field gets `--name/--no-name`."""
+    return [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_cli_type(info),
+                          default=typer.Option(info.default, help=info.description))
+        for name, info in model.model_fields.items()
+        if name not in skip
+    ]
 
 
-@app.command()
-@friendly_errors
-def train(
-    data: Path = typer.Option(..., "--data", help="Image folder (one sub-folder per class) or CSV manifest."),
-    output: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<data name>)."),
-    backbone: str = _option("backbone"),
-    weights: str = _option("weights"),
-    strategy: str = _option("strategy"),
-    steps: Optional[int] = _option("steps"),
-    epochs: Optional[int] = _option("epochs"),
-    budget_epochs: float = _option("budget_epochs"),
-    min_steps: int = _option("min_steps"),
-    max_steps: int = _option("max_steps"),
-    eval_every: Optional[int] = _option("eval_every"),
-    time_budget: Optional[str] = _option("time_budget"),
-    refit: bool = _option("refit"),
-    batch_size: int = _option("batch_size"),
-    lr: float = _option("lr"),
-    lr_spread: float = _option("lr_spread"),
-    weight_decay: float = _option("weight_decay"),
-    optimizer: str = _option("optimizer"),
-    schedule: str = _option("schedule"),
-    warmup_fraction: float = _option("warmup_fraction"),
-    label_smoothing: float = _option("label_smoothing"),
-    dropout: float = _option("dropout"),
-    freeze_bn: bool = _option("freeze_bn"),
-    image_size: Optional[int] = _option("image_size"),
-    train_image_size: Optional[int] = _option("train_image_size"),
-    crop_min_scale: float = _option("crop_min_scale"),
-    horizontal_flip: bool = _option("horizontal_flip"),
-    trivial_augment: bool = _option("trivial_augment"),
-    class_weights: bool = _option("class_weights"),
-    val_fraction: float = _option("val_fraction"),
-    test_fraction: Optional[float] = _option("test_fraction"),
-    patience: int = _option("patience"),
-    workers: int = _option("workers"),
-    threads: Optional[int] = _option("threads"),
-    seed: int = _option("seed"),
-    device: str = _option("device"),
-    resume: bool = _option("resume"),
-    export: bool = _option("export"),
-    name: Optional[str] = _option("name"),
-    ood_method: str = _option("ood_method"),
-    ood_target_rejection: float = _option("ood_target_rejection"),
-    legacy_defaults: bool = typer.Option(False, "--legacy-defaults", help="Start from the pre-2026-11-27 defaults "
-                                         "(8 epochs, 70/15/15, no refit, training at the serving size, ...); "
-                                         "options given explicitly still win."),
-) -> None:
+def _train(data: Path, output: Optional[Path], legacy_defaults: bool, **options) -> None:
     """Fine-tune a backbone on labelled images, evaluate on the held-out test split, and export."""
     from training.config import TrainConfig
     from training.trainer import train as run_training
 
-    options = {k: v for k, v in locals().items() if k in TrainConfig.model_fields}
     if legacy_defaults:
         import click
 
@@ -141,9 +116,30 @@ def train(
 
         context = click.get_current_context()
         given = {k for k in options if context.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
-        options |= {k: v for k, v in legacy_options(image_size, backbone).items() if k not in given}
-    config = TrainConfig(**(options | {"output": output or Path("runs") / data.stem}))
+        options |= {k: v for k, v in legacy_options(options["image_size"], options["backbone"]).items() if k not in given}
+    config = TrainConfig(**(options | {"data": data, "output": output or Path("runs") / data.stem}))
     _report_training(run_training(config))
+
+
+def _train_signature() -> inspect.Signature:
+    from training.config import TrainConfig
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Signature([
+        inspect.Parameter("data", keyword, annotation=Path, default=typer.Option(
+            ..., "--data", help="Image folder (one sub-folder per class) or CSV manifest.")),
+        inspect.Parameter("output", keyword, annotation=Optional[Path], default=typer.Option(
+            None, help="Run directory (default: runs/<data name>).")),
+        *config_options(TrainConfig, skip={"data", "output"}),
+        inspect.Parameter("legacy_defaults", keyword, annotation=bool, default=typer.Option(
+            False, "--legacy-defaults", help="Start from the pre-2026-11-27 defaults (8 epochs, 70/15/15, no refit, "
+            "training at the serving size, ...); options given explicitly still win.")),
+    ])  # fmt: skip
+
+
+_train.__signature__ = _train_signature()  # type: ignore[attr-defined]
+_train.__annotations__ = {p.name: p.annotation for p in _train.__signature__.parameters.values()}
+train = app.command("train")(friendly_errors(_train))
 
 
 def _report_training(result) -> None:
@@ -152,6 +148,8 @@ def _report_training(result) -> None:
     test = result.test
     if result.skipped:
         typer.echo(f"skipped {len(result.skipped)} unreadable images (listed in {RunDir(result.run_dir).skipped})")
+    if result.selection is not None:
+        typer.echo(result.selection.describe())
     if test.source == "none":
         typer.echo(f"no held-out estimate: {test.note}")
         typer.echo(f"run directory: {result.run_dir}")
@@ -161,8 +159,11 @@ def _report_training(result) -> None:
             typer.echo(f"artifact: {result.artifact}  (digest {manifest_digest(result.artifact)})")
         return
     low, high = test.accuracy_ci95 or (0.0, 1.0)
-    chosen = f"best validation at step {result.best_step}" + (
-        f", refit on train+val for {result.refit_steps} steps" if result.refit_steps else "")
+    if result.selection is not None and result.selection.chosen == "probe":
+        chosen = "the probe (a linear head on the frozen backbone)" + (", refit on train+val" if result.plan.select else "")
+    else:
+        chosen = f"best validation at step {result.best_step}" + (
+            f", refit on train+val for {result.refit_steps} steps" if result.refit_steps else "")
     what = "held-out test images" if test.source == "test" else "validation images; NO test split, optimistic"
     typer.echo(
         f"{'test' if test.source == 'test' else 'validation'} accuracy {test.accuracy:.4f} "

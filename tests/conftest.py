@@ -16,7 +16,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TINY = dict(backbone="efficientnet_lite0", weights="none", image_size=32, train_image_size=32, steps=4, eval_every=2,
             batch_size=16, workers=0, horizontal_flip=False, patience=5, test_fraction=0.15, time_budget="none",
-            threads=1, min_val_images=1)
+            threads=1, min_val_images=1, candidate="finetune")
 
 
 @pytest.fixture(scope="session")

@@ -60,3 +60,32 @@ def test_export_command_reexports_a_run(trained_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "manifest.json").exists()
     _fails_cleanly(runner.invoke(app, ["export", str(trained_run.run_dir), "--output", str(out)]), "already exists")
+
+
+def test_every_training_option_has_a_flag_that_reaches_the_config(tmp_path, digits_dir, monkeypatch):
+    """`train`'s flags are generated from TrainConfig: each field has one, and what is given is what trains."""
+    import typer.main
+
+    import training.trainer
+    from training.config import TrainConfig
+
+    command = typer.main.get_command(app).commands["train"]
+    flags = {p.name: p.opts for p in command.params}
+    assert set(TrainConfig.model_fields) <= set(flags), set(TrainConfig.model_fields) - set(flags)
+    assert flags["min_val_images"] == ["--min-val-images"]
+
+    seen = {}
+
+    def capture(config, show_progress=True):
+        seen["config"] = config
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.trainer, "train", capture)
+    args = ["train", "--data", str(digits_dir), "--output", str(tmp_path / "r"), "--min-val-images", "7",
+            "--time-budget", "90s", "--no-refit", "--strategy", "gradual", "--test-fraction", "0.2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output
+    config = seen["config"]
+    assert (config.min_val_images, config.time_budget, config.refit, config.strategy, config.test_fraction) == (
+        7, 90.0, False, "gradual", 0.2)
+    assert TrainConfig(data=digits_dir, output=tmp_path).time_budget == 300.0  # "5m", parsed once

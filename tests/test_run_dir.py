@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_config
 from training.data import DataError, ImageRecord, SkippedImage, split_records
 from training.evaluate import evaluate_predictions
-from training.run_dir import Checkpoint, EpochRecord, RunDir
+from training.run_dir import Checkpoint, EpochRecord, RunDir, RunState
 from training.trainer import prepare_splits
 
 LABELS = ["cat", "dog"]
@@ -52,16 +52,16 @@ def test_every_file_saved_is_read_back_equal(tmp_path):
     weights = {"head.weight": torch.arange(6.0).reshape(2, 3)}
     checkpoint = Checkpoint(
         model=weights, optimizer={"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, scheduler={"last_epoch": 3},
-        epoch=1, best_epoch=0, best_key=(0.75, -0.5), history=[_record(0), _record(1)], labels=LABELS,
-        backbone="efficientnet_lite0", config=tiny_config(tmp_path, run.root),
+        state=RunState(next_epoch=2, best_epoch=0, best_key=(0.75, -0.5), history=[_record(0), _record(1)]),
+        labels=LABELS, backbone="efficientnet_lite0", config=tiny_config(tmp_path, run.root),
     )  # fmt: skip
     run.save_checkpoint(checkpoint)
     assert run.holds_run()
     loaded = run.load_checkpoint()
     assert torch.equal(loaded.model["head.weight"], weights["head.weight"])
     assert (loaded.optimizer, loaded.scheduler) == (checkpoint.optimizer, checkpoint.scheduler)
-    assert (loaded.epoch, loaded.best_epoch, loaded.best_key) == (1, 0, (0.75, -0.5))
-    assert (loaded.history, loaded.labels, loaded.config) == (checkpoint.history, LABELS, checkpoint.config)
+    assert loaded.state == checkpoint.state and (loaded.state.next_epoch, loaded.state.best_key) == (2, (0.75, -0.5))
+    assert (loaded.labels, loaded.config) == (LABELS, checkpoint.config)
     assert torch.load(run.checkpoint, weights_only=True)["epoch"] == 1  # the on-disk format other code reads
 
     run.save_best_weights(weights)
@@ -69,11 +69,11 @@ def test_every_file_saved_is_read_back_equal(tmp_path):
     assert torch.equal(run.load_best_weights()["head.weight"], weights["head.weight"])
     assert torch.equal(run.load_final_weights()["head.weight"], weights["head.weight"] / 2)
 
-    run.save_history(checkpoint.history)
+    run.save_history(checkpoint.state.history)
     run.save_calibration(1.25)
     report = evaluate_predictions(np.array([[0.9, 0.1], [0.2, 0.8]]), [0, 1], LABELS)
     run.save_test_report(report)
-    assert run.load_history() == checkpoint.history and run.load_calibration() == 1.25
+    assert run.load_history() == checkpoint.state.history and run.load_calibration() == 1.25
     assert run.load_test_report() == report
     assert run.confusion_matrix_png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert sorted(p.name for p in run.root.iterdir() if p.name.startswith(".")) == [], "no temp file left behind"

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+import training.loop as loop
 import training.trainer as trainer
 from models.artifact import load_artifact
 from conftest import CORRUPT_IMAGE, tiny_config
@@ -58,20 +59,20 @@ def test_resume_after_interrupt_equals_uninterrupted_run(digits_dir, tmp_path, m
     options = dict(steps=6, eval_every=2, export=False, strategy="gradual")
     trainer.train(tiny_config(digits_dir, tmp_path / "clean", **options), show_progress=False)
 
-    real_count = trainer.trainable_group_count
+    real_count = loop.trainable_group_count
 
     def interrupt_at_third_interval(strategy, epoch, epochs, groups):
         if epoch == 2:
             raise KeyboardInterrupt
         return real_count(strategy, epoch, epochs, groups)
 
-    monkeypatch.setattr(trainer, "trainable_group_count", interrupt_at_third_interval)
+    monkeypatch.setattr(loop, "trainable_group_count", interrupt_at_third_interval)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(tiny_config(digits_dir, tmp_path / "resumed", **options), show_progress=False)
     interrupted = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert (interrupted["epoch"], interrupted["phase"], interrupted["step"]) == (1, "select", 4)
 
-    monkeypatch.setattr(trainer, "trainable_group_count", real_count)
+    monkeypatch.setattr(loop, "trainable_group_count", real_count)
     result = trainer.train(tiny_config(digits_dir, tmp_path / "resumed", resume=True, **options), show_progress=False)
     assert [h.epoch for h in result.history] == [0, 1, 2]
     assert result.history[0].seconds == interrupted["history"][0]["seconds"], "finished intervals must not rerun"
@@ -88,20 +89,20 @@ def test_resume_during_the_refit_equals_uninterrupted_run(digits_dir, tmp_path, 
     clean = trainer.train(tiny_config(digits_dir, tmp_path / "clean", **options), show_progress=False)
     assert clean.refit_steps > 3, "the refit must span more than one interval for this test"
 
-    real_step = trainer._train_step
+    real_step = loop.train_step
 
     def interrupt_in_refit(config, setup, data, step, phase_seed):
-        if phase_seed == trainer.REFIT_SEED:
+        if phase_seed == loop.REFIT_SEED:
             if step == 3:
                 raise KeyboardInterrupt
         return real_step(config, setup, data, step, phase_seed)
 
-    monkeypatch.setattr(trainer, "_train_step", interrupt_in_refit)
+    monkeypatch.setattr(loop, "train_step", interrupt_in_refit)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(tiny_config(digits_dir, tmp_path / "resumed", **options), show_progress=False)
     interrupted = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert (interrupted["phase"], interrupted["step"]) == ("refit", 3)
-    monkeypatch.setattr(trainer, "_train_step", real_step)
+    monkeypatch.setattr(loop, "train_step", real_step)
     trainer.train(tiny_config(digits_dir, tmp_path / "resumed", resume=True, **options), show_progress=False)
     a = torch.load(tmp_path / "clean" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)

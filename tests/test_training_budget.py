@@ -108,10 +108,10 @@ def test_report_carries_image_count_and_interval(trained_run):
 
 
 def test_too_small_to_hold_anything_out_the_cli_says_so(digits_dir, tmp_path):
-    out = tmp_path / "run"  # 60 images: no test split, 9 validation images (< 50): no selection run
+    out = tmp_path / "run"  # 60 images: no test split, 9 validation images (< 50): the fine-tune alone has no selection run
     args = ["train", "--data", str(digits_dir), "--output", str(out), "--weights", "none", "--image-size", "32",
             "--steps", "2", "--batch-size", "16", "--workers", "0", "--time-budget", "none", "--threads", "1",
-            "--no-horizontal-flip"]
+            "--no-horizontal-flip", "--candidate", "finetune"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "no held-out estimate" in result.output and "too few" in result.output

@@ -5,15 +5,14 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from models.ood import DEFAULT_METHOD, DEFAULT_TARGET_REJECTION, OODMethod
 from models.preprocessing import Preprocessing
 from models.registry import DEFAULT_BACKBONE, get_spec
-
-Strategy = Literal["linear-probe", "finetune", "discriminative", "gradual"]
+from training.strategies import STRATEGIES, Strategy
 
 AUTO_TEST_MIN_IMAGES = 100
 """With `test_fraction` left automatic, a test split is held out only when it would hold at least this many
@@ -38,6 +37,10 @@ def parse_duration(text: str | float | int | None) -> float | None:
     return seconds if seconds > 0 else None
 
 
+Duration = Annotated[float | None, BeforeValidator(parse_duration)]
+"""Seconds (None: no limit), given as seconds or text that `parse_duration` reads: parsed once, on validation."""
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -45,7 +48,7 @@ class TrainConfig(BaseModel):
     output: Path = Field(description="Run directory: checkpoints, splits, metrics and the exported artifact.")
     backbone: str = Field(default=DEFAULT_BACKBONE, description="Backbone name (see `transfer-serve backbones`).")
     weights: str = Field(default="imagenet", description="'imagenet', 'none' (random init) or a state-dict file.")
-    strategy: Strategy = Field(default="discriminative", description="linear-probe | finetune | discriminative | gradual.")
+    strategy: Strategy = Field(default="discriminative", description=f"{' | '.join(STRATEGIES)}.")
     # --- the schedule: a budget in optimizer steps sized by the data -----------------------------------------
     steps: int | None = Field(default=None, ge=1, description="Optimizer steps of the selection run (default: "
                               "sized by the data: clamp(budget_epochs x train images / batch, min_steps, max_steps)).")
@@ -55,12 +58,18 @@ class TrainConfig(BaseModel):
     min_steps: int = Field(default=200, ge=1, description="Fewest optimizer steps of an automatic budget.")
     max_steps: int = Field(default=300, ge=1, description="Most optimizer steps of an automatic budget.")
     eval_every: int | None = Field(default=None, ge=1, description="Validate every N steps (default: 10 times a run).")
-    time_budget: str | None = Field(default="5m", description="Fit steps and training resolution into this wall time "
+    time_budget: Duration = Field(default="5m", validate_default=True, description="Fit steps and training resolution into this wall time "
                                     "(e.g. 90s, 5m; 'none': no limit), from a measured speed probe.")
     refit: bool = Field(default=True, description="After choosing the step count on validation, retrain on "
                         "train+val for that many steps (scaled to the larger set) and export that model.")
     min_val_images: int = Field(default=50, ge=1, description="With fewer validation images than this, a chosen step "
-                                "count would be noise: no selection run; every labelled image trains for the budget's steps.")
+                                "count would be noise: the fine-tune's step count is not chosen on validation (one "
+                                "validation at the end of its run, to compare it with the probe); with --candidate "
+                                "finetune, no selection run: every labelled image trains for the budget's steps.")
+    candidate: Literal["auto", "probe", "finetune"] = Field(
+        default="auto", description="What the run exports: auto (the probe or the fine-tune, whichever scores higher "
+        "on the validation split), probe (a linear head on the frozen backbone, C by k-fold cross-validation) or "
+        "finetune.")
     # --- the recipe ------------------------------------------------------------------------------------------
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-3, gt=0, description="Learning rate of the head; lower groups get less.")
@@ -104,15 +113,6 @@ class TrainConfig(BaseModel):
         default=DEFAULT_TARGET_REJECTION, ge=0, lt=1,
         description="Share of in-distribution images the OOD threshold flags as unknown.",
     )
-
-    @field_validator("time_budget")
-    @classmethod
-    def _valid_duration(cls, value: str | None) -> str | None:
-        parse_duration(value)
-        return value
-
-    def time_budget_seconds(self) -> float | None:
-        return parse_duration(self.time_budget)
 
     def preprocessing(self) -> Preprocessing:
         """The backbone's pretrained preprocessing at the serving image size: what evaluation and export use."""

@@ -228,7 +228,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         parity_batch=torch.stack([test_set[i][0] for i in range(len(test_set))]),
         output=output,
         name=config.name or Path(config.data).stem,
-        metrics=estimate | {"best_val_accuracy": max((h.val_accuracy for h in checkpoint.history), default=0.0)},
+        metrics=estimate | {"best_val_accuracy": max((h.val_accuracy for h in checkpoint.state.history), default=0.0)},
         ood=run.load_ood_summary(),
         ood_source=run.root,
     )

@@ -4,7 +4,9 @@ A run directory holds everything a run produces, so an interrupted run resumes f
 `splits.csv` (the exact train/val/test split), `skipped.json` (unreadable images and why),
 `plan.json` (steps, resolution, time estimate), `checkpoint.pt` (last validation or refit interval: model,
 optimizer, scheduler, phase, history and the run's configuration), `best.pt` (best validation weights of the
-selection run), `refit.pt` (the refit on train+val), `model.pt` (refit, or best, weights with the fitted
+selection run), `refit.pt` (the refit on train+val), `probe.pt` and `probe_refit.pt` (the probe candidate fitted
+on train, and on train+val), `selection.json` (the chosen candidate and each one's estimate), `model.pt` (the
+chosen candidate's refit, or best, weights with the fitted
 softmax temperature folded in: what is tested and exported), `calibration.json`, `history.json`, `test_report.json`, `confusion_matrix.png`,
 the out-of-distribution detector fitted on the final model (`ood.json`, its summary, and `ood.npz`, its
 arrays, when the method has any) and the exported `artifact/`. Every file is written atomically (`models.files.atomic_write`): a crash
@@ -17,13 +19,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, overload
+from typing import Any, Literal, Sequence, overload
 
 import torch
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter
 
 from models.files import atomic_write, atomic_write_bytes, atomic_write_text
 from models.ood import OOD_FILE, OODDetector, OODSummary
+from training.candidates.selection import CandidateName, Selection
 from training.config import TrainConfig
 from training.data import DataError, SkippedImage, Splits, read_csv_manifest, split_records, write_csv_manifest
 from training.evaluate import EvaluationReport, save_confusion_matrix_png
@@ -74,6 +77,10 @@ class RunPlan(BaseModel):
     reason: str = ""
     threads: int | None = None
     """CPU intra-op threads the run trains with (chosen by the speed probe unless --threads sets them)."""
+    candidates: list[CandidateName] = ["finetune"]
+    """What the run trains and chooses between (`training.candidates.selection`)."""
+    choose_steps: bool = True
+    """False: too few validation images to choose a step count on; the selection run validates once, at its end."""
 
     def describe(self) -> str:
         if not self.select:
@@ -90,9 +97,16 @@ class RunPlan(BaseModel):
         budget = f" of a {_duration(self.time_budget_seconds)} budget" if self.time_budget_seconds else ""
         probe = f" (probe: {self.seconds_per_step:.2f} s/step" if self.seconds_per_step is not None else ""
         probe += (f", {self.threads} thread{'s' if self.threads > 1 else ''})" if self.threads else ")") if probe else ""
-        return (f"plan: {self.steps} steps of {self.batch_size} at {self.train_image_size} px on {self.train_images} "
-                f"images, validating every {self.eval_every} steps on {self.val_images}{refit}; serving at "
-                f"{self.image_size} px; test split {self.test_images} images{estimate}{budget}{probe}"
+        validating = (f"validating every {self.eval_every} steps on {self.val_images}" if self.choose_steps else
+                      f"validating once, at the end, on {self.val_images} (too few to choose a step count on)")
+        fine_tune = (f"fine-tune: {self.steps} steps of {self.batch_size} at {self.train_image_size} px on "
+                     f"{self.train_images} images, {validating}{refit}; ") if "finetune" in self.candidates else ""
+        probe_candidate = ("probe: a linear head on the frozen backbone, C by k-fold cross-validation on the "
+                           f"{self.train_images} training images, scored on the {self.val_images} validation images; "
+                           ) if "probe" in self.candidates else ""
+        return (f"plan: {probe_candidate}{fine_tune}the better on validation is exported" if len(self.candidates) > 1
+                else f"plan: {probe_candidate}{fine_tune}".rstrip("; ")) + (
+                f"; serving at {self.image_size} px; test split {self.test_images} images{estimate}{budget}{probe}"
                 + (f"; {self.reason}" if self.reason else ""))
 
 
@@ -107,64 +121,70 @@ _SKIPPED = TypeAdapter(list[SkippedImage])
 _HISTORY = TypeAdapter(list[EpochRecord])
 
 
-@dataclass
-class Checkpoint:
-    """The state after an epoch: enough to resume the run exactly, and to export it."""
+class RunState(BaseModel):
+    """Where a run stands: what a checkpoint saves, a resumed run starts from, and the result reports."""
 
-    model: StateDict
-    optimizer: StateDict
-    scheduler: StateDict
-    epoch: int
-    best_epoch: int
-    best_key: tuple[float, float]
-    """(validation accuracy, -validation loss) of the best epoch: the larger, the better."""
-    history: list[EpochRecord]
-    labels: list[str]
-    backbone: str
-    config: TrainConfig
-    phase: str = "select"
+    history: list[EpochRecord] = Field(default_factory=list)
+    next_epoch: int = 0
+    """Next validation interval of the current phase."""
+    best_epoch: int = -1
+    """Index of the best validation of the selection run."""
+    best_key: tuple[float, float] = (-1.0, 0.0)
+    """(validation accuracy, -validation loss) of the best validation: the larger, the better."""
+    phase: Literal["select", "refit", "done"] = "select"
     """'select' (training on train, validating), 'refit' (training on train+val) or 'done'."""
     step: int = 0
     """Optimizer steps done in `phase`."""
     best_step: int = 0
     refit_steps: int = 0
+    """Steps of the refit on train+val (0: no refit)."""
+    selection: Selection | None = None
+    """Which candidate the run exports, with each candidate's estimate (None: not chosen yet, or a run from
+    before the probe candidate: the fine-tune)."""
+
+    @property
+    def epochs_without_improvement(self) -> int:
+        return self.next_epoch - 1 - self.best_epoch if self.history else 0
+
+
+@dataclass
+class Checkpoint:
+    """The state after a validation interval: enough to resume the run exactly, and to export it."""
+
+    model: StateDict
+    optimizer: StateDict
+    scheduler: StateDict
+    state: RunState
+    labels: list[str]
+    backbone: str
+    config: TrainConfig
 
     def to_state(self) -> dict[str, Any]:
-        """Plain tensors, numbers, strings, lists and dicts only: loadable with `weights_only=True`."""
+        """Plain tensors, numbers, strings, lists and dicts only: loadable with `weights_only=True`. The run
+        state's fields are stored flat, `next_epoch` as `epoch` (the last finished interval), as before."""
+        state = self.state.model_dump(mode="json", exclude={"next_epoch"})
         return {
             "model": self.model,
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
-            "epoch": self.epoch,
-            "best_epoch": self.best_epoch,
-            "best_key": list(self.best_key),
-            "history": [h.model_dump() for h in self.history],
+            "epoch": self.state.next_epoch - 1,
+            **state,
             "labels": self.labels,
             "backbone": self.backbone,
             "config": self.config.model_dump(mode="json"),
-            "phase": self.phase,
-            "step": self.step,
-            "best_step": self.best_step,
-            "refit_steps": self.refit_steps,
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Checkpoint":
+        fields = {k: state[k] for k in RunState.model_fields if k in state and k != "next_epoch"}
         return cls(
             model=state["model"],
             optimizer=state["optimizer"],
             scheduler=state["scheduler"],
-            epoch=state["epoch"],
-            best_epoch=state["best_epoch"],
-            best_key=(float(state["best_key"][0]), float(state["best_key"][1])),
-            history=_HISTORY.validate_python(state["history"]),
+            state=RunState.model_validate({"phase": "done"} | fields | {"next_epoch": state["epoch"] + 1}),
             labels=list(state["labels"]),
             backbone=state["backbone"],
             config=TrainConfig.model_validate(state["config"]),
-            phase=state.get("phase", "done"),
-            step=int(state.get("step", 0)),
-            best_step=int(state.get("best_step", 0)),
-            refit_steps=int(state.get("refit_steps", 0)),
         )
 
 
@@ -213,6 +233,9 @@ class RunDir:
     plan = RunFile("plan.json")  # the `RunPlan`: steps, resolution, time estimate
     best_weights = RunFile("best.pt")  # best validation weights of the selection run
     refit_weights = RunFile("refit.pt")  # the refit's weights (train+val, the chosen step count)
+    probe_weights = RunFile("probe.pt")  # the probe candidate fitted on train (what its estimate and temperature use)
+    probe_refit_weights = RunFile("probe_refit.pt")  # the probe refitted on train+val (exported when it wins)
+    selection = RunFile("selection.json")  # the `Selection`: the chosen candidate and every candidate's estimate
     final_weights = RunFile("model.pt")  # refit (or best) weights with the temperature folded in
     calibration = RunFile("calibration.json")  # the fitted softmax temperature
     history = RunFile("history.json")  # one `EpochRecord` per epoch
@@ -271,6 +294,18 @@ class RunDir:
 
     def load_refit_weights(self, map_location: str | torch.device = "cpu") -> StateDict:
         return _load_torch(self.refit_weights, map_location)
+
+    def save_probe_weights(self, state_dict: StateDict, refit: bool = False) -> None:
+        _save_torch(self.probe_refit_weights if refit else self.probe_weights, state_dict)
+
+    def load_probe_weights(self, map_location: str | torch.device = "cpu", refit: bool = False) -> StateDict:
+        return _load_torch(self.probe_refit_weights if refit else self.probe_weights, map_location)
+
+    def save_selection(self, selection: Selection) -> None:
+        atomic_write_text(self.selection, selection.model_dump_json(indent=2))
+
+    def load_selection(self) -> Selection:
+        return Selection.model_validate_json(self.selection.read_text())
 
     def save_plan(self, plan: "RunPlan") -> None:
         atomic_write_text(self.plan, plan.model_dump_json(indent=2))

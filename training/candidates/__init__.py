@@ -1,0 +1,1 @@
+"""Training candidates: each module trains one kind of model for a run and says how good it is."""
