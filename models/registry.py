@@ -101,11 +101,7 @@ class Backbone(nn.Module):
         """Units from stem to top, each one or more sub-modules: the spec's names, or timm's coarse groups."""
         if self._group_units is not None:
             return [[self.body.get_submodule(name)] for name in self._group_units]
-        from timm.models import group_modules
-
-        grouped = group_modules(self.body, self.body.group_matcher(coarse=True))
-        units = [[self.body.get_submodule(name) for name in names] for _, names in sorted(grouped.items())]
-        return [unit for unit in units if any(True for module in unit for _ in module.parameters())]
+        return _timm_units(self.body)
 
     def layer_groups(self) -> list[list[nn.Module]]:
         """Consecutive groups of sub-modules from stem to top, covering every parameter."""
@@ -123,6 +119,24 @@ class Backbone(nn.Module):
 
 
 # --- timm ------------------------------------------------------------------------------------------------------
+
+
+def _timm_units(body: nn.Module) -> list[list[nn.Module]]:
+    """timm's coarse groups (`group_matcher`) as module lists, each parameter in exactly one: timm lists a parent
+    that owns parameters itself (a ConvNeXt block's layer-scale gamma) beside its children, so a parent
+    contributes only its own parameters."""
+    from timm.models import group_modules
+
+    grouped = sorted(group_modules(body, body.group_matcher(coarse=True)).items())
+    listed = sorted({name for _, names in grouped for name in names})
+
+    def is_parent(name: str) -> bool:
+        return any(other.startswith(name + ".") for other in listed)
+
+    units = [[_DirectParameters(body.get_submodule(n)) if is_parent(n) else body.get_submodule(n) for n in names]
+             for _, names in grouped]
+    return [unit for unit in units if any(True for module in unit for _ in module.parameters())]
+
 
 
 def timm_preprocessing(model_name: str) -> Preprocessing:
@@ -159,19 +173,40 @@ def _strip_timm(model: nn.Module) -> nn.Module:
     return model
 
 
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _cached_hub_file(hf_hub_id: str | None) -> str | None:
+    """The weights file of `hf_hub_id` already in the Hugging Face cache, or None (no network is touched)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in HUB_WEIGHT_FILES if hf_hub_id else ():
+        found = try_to_load_from_cache(hf_hub_id, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
 def _timm_hub_state_dict(model_name: str) -> StateDict:
-    """The pretrained weights through timm (the Hugging Face cache; downloaded into it when online)."""
+    """The pretrained weights from the Hugging Face cache (through timm, so its checkpoint filters apply), else a
+    download into the cache; never silent retries when offline (HF_HUB_OFFLINE=1)."""
+    import huggingface_hub.constants
     import timm
 
+    cached = _cached_hub_file(timm.models.get_pretrained_cfg(model_name).hf_hub_id)
+    hint = ("download them once into the Hugging Face cache when online (e.g. python -c \"import timm; "
+            f"timm.create_model('{model_name}', pretrained=True)\"), or pass --weights FILE (a state-dict .pth or "
+            ".safetensors file)")
+    if cached is None and huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise WeightsError(f"pretrained weights for timm model {model_name!r} are not available offline: not in the "
+                           f"Hugging Face cache; {hint}")
+    overlay = {"file": cached} if cached else None
     try:
-        return timm.create_model(model_name, pretrained=True).state_dict()
-    except (OSError, RuntimeError) as exc:  # hub errors are OSErrors (offline, not cached, no network)
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay).state_dict()
+    except (OSError, RuntimeError) as exc:  # hub errors are OSErrors (no network, not cached)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(
-            f"pretrained weights for timm model {model_name!r} are not available offline and could not be "
-            f"downloaded ({reason}); download them once into the Hugging Face cache when online, or pass "
-            "--weights FILE (a state-dict .pth or .safetensors file)"
-        ) from None
+        raise WeightsError(f"pretrained weights for timm model {model_name!r} are not available offline and could "
+                           f"not be downloaded ({reason}); {hint}") from None
 
 
 def _timm_spec(model_name: str) -> BackboneSpec:

@@ -133,23 +133,50 @@ def test_timm_model_by_name_with_a_local_weights_file(tmp_path, prefix):
     assert any(m is backbone.body.get_submodule("layer4.0.conv2") for m in groups[-1])
 
 
-def test_timm_vit_layer_groups_cover_its_own_tokens():
-    """A ViT's class token and position embedding belong to no child module; a layer group still carries them,
-    and the state dict is unchanged by the grouping."""
-    backbone = create_backbone("timm/test_vit", "none")
+@pytest.mark.parametrize("name", ["timm/test_vit", "timm/test_convnext"])
+def test_timm_layer_groups_hold_each_parameter_once(name):
+    """A ViT's class token and position embedding belong to no child module, a ConvNeXt block owns its layer-scale
+    gamma beside its children: every parameter is still in exactly one group, and the state dict is unchanged."""
+    backbone = create_backbone(name, "none")
     keys = set(backbone.state_dict())
     groups = backbone.layer_groups()
+    assert len(groups) == 5
     covered = [id(p) for g in groups for m in g for p in m.parameters()]
     assert sorted(covered) == sorted(id(p) for p in backbone.parameters())
-    assert any(p is backbone.body.pos_embed for p in groups[0][-1].parameters())
+    if name.endswith("vit"):
+        assert any(p is backbone.body.pos_embed for p in groups[0][-1].parameters())
     assert set(backbone.state_dict()) == keys
 
 
-def test_timm_weights_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
+@pytest.fixture
+def offline_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache in offline mode: nothing can be downloaded."""
     import huggingface_hub.constants as hub
 
+    cache = tmp_path / "hub"
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_timm_weights_come_from_the_hugging_face_cache(offline_hub_cache):
+    """'imagenet' weights of a timm name are read from the cache (offline) when a download put them there."""
+    import timm
+    from safetensors.torch import save_file
+
+    reference = timm.create_model(TIMM_TINY, pretrained=False)
+    torch.nn.init.normal_(reference.conv1[0].weight)
+    repo = offline_hub_cache / ("models--" + timm.models.get_pretrained_cfg(TIMM_TINY).hf_hub_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    save_file(reference.state_dict(), str(snapshot / "model.safetensors"))
+    backbone = create_backbone("timm/" + TIMM_TINY, "imagenet")
+    assert torch.equal(backbone.state_dict()["body.conv1.0.weight"], reference.state_dict()["conv1.0.weight"])
+
+
+def test_timm_weights_missing_offline_is_a_clear_error(offline_hub_cache):
     with pytest.raises(WeightsError, match="not available offline.*--weights FILE"):
         create_backbone("timm/" + TIMM_TINY, "imagenet")
 
