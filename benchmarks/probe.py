@@ -27,26 +27,49 @@ PROBE_CS = np.logspace(-1, 1, 5)
 
 @dataclass(frozen=True)
 class Embeddings:
-    """L2-normalised embeddings of images, by path, and what they cost to compute."""
+    """L2-normalised embeddings of images, by path, and what computing them cost (CPU and wall seconds summed
+    over the `images` embedded, on `threads` intra-op threads)."""
 
     by_path: dict[str, np.ndarray]
-    cpu_seconds_per_image: float
-    wall_seconds_per_image: float
+    cpu_seconds: float
+    wall_seconds: float
+    images: int
     threads: int
-    skipped: int
+    undecodable: tuple[str, ...]
 
     def of(self, paths: Sequence[str]) -> np.ndarray:
         return np.stack([self.by_path[p] for p in paths])
 
+    @property
+    def cpu_seconds_per_image(self) -> float:
+        return self.cpu_seconds / max(1, self.images)
 
-def _cache_file(cache: Path, backbone: str, preprocessing_json: str, paths: Sequence[str]) -> Path:
-    key = hashlib.sha256("\n".join([backbone, preprocessing_json, *sorted(paths)]).encode()).hexdigest()[:16]
+    @property
+    def wall_seconds_per_image(self) -> float:
+        return self.wall_seconds / max(1, self.images)
+
+    def save(self, path: Path) -> None:
+        np.savez(path, paths=np.array(list(self.by_path)), embeddings=self.of(list(self.by_path)),
+                 cost=np.array([self.cpu_seconds, self.wall_seconds, self.images, self.threads]),
+                 undecodable=np.array(self.undecodable, dtype=str))
+
+    @classmethod
+    def load(cls, path: Path) -> "Embeddings":
+        stored = np.load(path, allow_pickle=False)
+        cpu, wall, images, threads = stored["cost"].tolist()
+        return cls(dict(zip(stored["paths"].tolist(), stored["embeddings"])), cpu, wall, int(images), int(threads),
+                   tuple(stored["undecodable"].tolist()))
+
+
+def _cache_file(cache: Path, backbone: str, preprocessing_json: str) -> Path:
+    key = hashlib.sha256(f"{backbone}\n{preprocessing_json}".encode()).hexdigest()[:16]
     return cache / f"embeddings-{backbone.replace('/', '_').replace(':', '_')}-{key}.npz"
 
 
 def embed_paths(paths: Sequence[str], backbone: str, preprocessing, cache: Path, weights: str = "imagenet",
                 batch_size: int = 32) -> Embeddings:
-    """Embeddings of every decodable image in `paths` (undecodable ones are left out and counted)."""
+    """Embeddings of every decodable image in `paths`; images already in the cache of this (backbone,
+    preprocessing) are not embedded again, so samplings and protocols on the same photos share the cost."""
     import torch
 
     from models.decoding import ImageDecodeError, load_image
@@ -54,43 +77,43 @@ def embed_paths(paths: Sequence[str], backbone: str, preprocessing, cache: Path,
     from models.registry import create_backbone
 
     cache.mkdir(parents=True, exist_ok=True)
-    cached = _cache_file(cache, backbone, preprocessing.model_dump_json(), paths)
-    if cached.is_file():
-        stored = np.load(cached, allow_pickle=False)
-        return Embeddings(dict(zip(stored["paths"].tolist(), stored["embeddings"])),
-                          float(stored["cpu"]), float(stored["wall"]), int(stored["threads"]), int(stored["skipped"]))
+    cached_file = _cache_file(cache, backbone, preprocessing.model_dump_json())
+    known = Embeddings.load(cached_file) if cached_file.is_file() else Embeddings({}, 0.0, 0.0, 0, 1, ())
+    missing = [p for p in paths if p not in known.by_path and p not in known.undecodable]
+    if not missing:
+        return known
     previous_threads = torch.get_num_threads()
     if os.getloadavg()[0] >= (os.cpu_count() or 1):  # a busy shared CPU embeds faster on 1 thread (docs/TRAINING.md)
         torch.set_num_threads(1)
     threads = torch.get_num_threads()
     torch.manual_seed(0)
     model = create_backbone(backbone, weights).eval()
-    kept: list[str] = []
-    vectors: list[np.ndarray] = []
+    by_path = dict(known.by_path)
+    undecodable = list(known.undecodable)
     wall = cpu = 0.0
+    embedded = 0
     with torch.no_grad():
-        for start in range(0, len(paths), batch_size):
+        for start in range(0, len(missing), batch_size):
             images, names = [], []
-            for path in paths[start : start + batch_size]:
+            for path in missing[start : start + batch_size]:
                 try:
                     images.append(load_image(path, preprocessing=preprocessing))
                     names.append(path)
                 except ImageDecodeError:
-                    continue
+                    undecodable.append(path)
             if not images:
                 continue
             wall_start, cpu_start = time.perf_counter(), time.process_time()
-            batch = torch.from_numpy(preprocess_batch(images, preprocessing))
-            vectors.append(model(batch).numpy())
+            vectors = model(torch.from_numpy(preprocess_batch(images, preprocessing))).numpy().astype(np.float32)
             wall += time.perf_counter() - wall_start
             cpu += time.process_time() - cpu_start
-            kept += names
+            embedded += len(names)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            by_path.update(zip(names, vectors))
     torch.set_num_threads(previous_threads)
-    matrix = np.concatenate(vectors).astype(np.float32)
-    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
-    result = Embeddings(dict(zip(kept, matrix)), cpu / len(kept), wall / len(kept), threads, len(paths) - len(kept))
-    np.savez(cached, paths=np.array(kept), embeddings=matrix, cpu=result.cpu_seconds_per_image,
-             wall=result.wall_seconds_per_image, threads=threads, skipped=result.skipped)
+    result = Embeddings(by_path, known.cpu_seconds + cpu, known.wall_seconds + wall, known.images + embedded,
+                        threads, tuple(undecodable))
+    result.save(cached_file)
     return result
 
 

@@ -60,3 +60,16 @@ def test_export_command_reexports_a_run(trained_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "manifest.json").exists()
     _fails_cleanly(runner.invoke(app, ["export", str(trained_run.run_dir), "--output", str(out)]), "already exists")
+
+
+def test_train_with_timm_weights_unavailable_offline_fails_cleanly(tmp_path, digits_dir, monkeypatch):
+    """A timm name resolves (its preprocessing comes from timm's pretrained config) but its weights are neither in
+    the Hugging Face cache nor downloadable: one error line saying so and what to do, no traceback."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    result = runner.invoke(app, ["train", "--data", str(digits_dir), "--backbone", "timm/resnet10t", "--steps", "1",
+                                 "--time-budget", "none", "--output", str(tmp_path / "r")])
+    _fails_cleanly(result, "not available offline")
+    assert "--weights FILE" in result.output
