@@ -155,3 +155,21 @@ def test_old_squash_manifest_still_loads_and_serves_squashed_pixels(lite0_artifa
     served_old, served_new = old.predict([image]).embeddings, new.predict([image]).embeddings
     np.testing.assert_allclose(served_old, old.predict_batch(squashed).embeddings, rtol=0, atol=1e-6)
     assert not np.allclose(served_old, served_new, atol=1e-4), "the two manifests must serve different pixels"
+
+
+@pytest.mark.parametrize("source, bands_kept", [("old squash manifest", True), ("lite0 default", False)])
+def test_training_cache_holds_the_serving_geometry(tmp_path, source, bands_kept):
+    """Training's image cache (which its random resized crops sample from) is made by the run's preprocessing at
+    the cache side: with lite0's default (the weights' crop) it holds only the centre region serving will see."""
+    from training.config import TrainConfig
+    from training.data import ImageRecord, decode_to_cache
+
+    path = tmp_path / "wide.png"
+    _red_edged_wide_image().save(path)
+    if source == "lite0 default":
+        pre = TrainConfig(data=tmp_path, output=tmp_path / "run", image_size=32).preprocessing()
+    else:
+        pre = Preprocessing.model_validate(OLD_LITE0_SQUASH)
+    cached = decode_to_cache([ImageRecord(path=path, label="x")], pre, side=37, workers=1)[0].numpy()
+    red = (cached[0] > 230) & (cached[2] < 25)
+    assert red.any() == bands_kept
