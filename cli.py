@@ -274,7 +274,11 @@ def backbones() -> None:
     for name in list_backbones():
         spec = get_spec(name)
         p = spec.preprocessing
-        typer.echo(f"{name:20s} {p.image_size}px  embedding {spec.embedding_dim:4d}  weights: {spec.weights_source}")
+        geometry = "squash" if p.resize == "squash" else f"crop {p.crop_pct:.3g}"
+        typer.echo(f"{name:20s} {p.image_size}px {geometry} {p.interpolation}  embedding {spec.embedding_dim:4d}  "
+                   f"weights: {spec.weights_source}")
+    typer.echo("timm/<name>          any timm model (e.g. timm/convnext_tiny.fb_in22k): its pretrained config's "
+               "preprocessing, weights from the Hugging Face cache or --weights FILE")
 
 
 # --- serving commands (import, serve) ---

@@ -37,11 +37,26 @@ def test_training_benchmark_quick():
 
 
 def test_quality_benchmark_quick(tmp_path):
-    rows = load("quality").main(["--quick", "--protocols", "P3", "--recipes", "anchor", "new", "--out",
-                                 str(tmp_path / "q.jsonl")])
-    assert [(row[0], row[1]) for row in rows] == [("P3", "anchor"), ("P3", "new")]
-    assert all(0.0 <= float(row[2]) <= 1.0 and row[5] == 40 for row in rows), rows
+    rows = load("quality").main(["--quick", "--protocols", "P3", "--recipes", "probe", "new", "--seeds", "0",
+                                 "--out", str(tmp_path / "q.jsonl")])
+    assert [(row[0], row[1]) for row in rows] == [("P3", "probe"), ("P3", "new")]
+    assert all(0.0 <= float(row[3]) <= 1.0 and row[5] == 40 for row in rows), rows
     assert len((tmp_path / "q.jsonl").read_text().splitlines()) == 2
+
+
+def test_quality_probe_only_compares_preprocessings_on_cached_embeddings(tmp_path):
+    """--probe-only runs only the frozen-feature probe; each image is embedded once per preprocessing, and two
+    samplings draw different training images."""
+    rows = load("quality").main(["--quick", "--probe-only", "--protocols", "P3", "--resize", "native", "squash",
+                                 "--seeds", "0", "1", "--scratch", str(tmp_path)])
+    assert [row[1] for row in rows] == ["probe", "probe-squash"]
+    assert "shorter_side_crop 32px bicubic" in rows[0][-1] and "squash 32px bilinear" in rows[1][-1]
+    assert len(list((tmp_path / "embeddings").glob("*.npz"))) == 2
+    for row in rows:  # "mean ± sd%" of the two samplings' accuracies
+        accuracies = [float(a) for a in row[3].split()]
+        assert len(accuracies) == 2
+        assert row[2] == f"{100 * np.mean(accuracies):.2f} ± {100 * np.std(accuracies, ddof=1):.2f}%"
+    assert (tmp_path / "P3-0.csv").read_text() != (tmp_path / "P3-1.csv").read_text()
 
 
 def test_extraction_benchmark_quick():

@@ -89,3 +89,16 @@ def test_every_training_option_has_a_flag_that_reaches_the_config(tmp_path, digi
     assert (config.min_val_images, config.time_budget, config.refit, config.strategy, config.test_fraction) == (
         7, 90.0, False, "gradual", 0.2)
     assert TrainConfig(data=digits_dir, output=tmp_path).time_budget == 300.0  # "5m", parsed once
+
+
+def test_train_with_timm_weights_unavailable_offline_fails_cleanly(tmp_path, digits_dir, monkeypatch):
+    """A timm name resolves (its preprocessing comes from timm's pretrained config) but its weights are neither in
+    the Hugging Face cache nor downloadable: one error line saying so and what to do, no traceback."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    result = runner.invoke(app, ["train", "--data", str(digits_dir), "--backbone", "timm/resnet10t", "--steps", "1",
+                                 "--time-budget", "none", "--output", str(tmp_path / "r")])
+    _fails_cleanly(result, "not available offline")
+    assert "--weights FILE" in result.output

@@ -85,3 +85,91 @@ def test_unsupported_format_refused():
     Image.new("RGB", (8, 8)).save(buffer, format="PPM")
     with pytest.raises(ImageDecodeError, match="unsupported image format"):
         load_image(buffer.getvalue())
+
+
+# --- the preprocessing an artifact records is the one it serves --------------------------------------------------
+
+OLD_LITE0_SQUASH = {"image_size": 32, "resize": "squash", "crop_pct": 1.0, "interpolation": "bilinear",
+                    "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "decode": "reduced"}
+"""efficientnet_lite0's preprocessing as artifacts exported before 2026-12-04 record it (at a 32 px test size)."""
+RED = (255, 0, 0)
+
+
+def _red_edged_wide_image() -> Image.Image:
+    """96x48: red 16-px bands at the left and right edges, blue between. A squash keeps the bands; the weights'
+    resize-shorter-side + centre crop cuts them off."""
+    image = Image.new("RGB", (96, 48), (0, 0, 255))
+    for left in (0, 80):
+        image.paste(Image.new("RGB", (16, 48), RED), (left, 0))
+    return image
+
+
+def _copy_with_preprocessing(artifact, preprocessing: dict, output):
+    import json
+    import shutil
+
+    from models.artifact import read_manifest, write_manifest
+
+    shutil.copytree(artifact, output)
+    manifest = json.loads(read_manifest(output).model_dump_json())
+    manifest["preprocessing"] = preprocessing
+    write_manifest(output, type(read_manifest(output)).model_validate(manifest))
+    return output
+
+
+@pytest.fixture(scope="module")
+def lite0_artifact(artifact_dir):
+    """The session's tiny efficientnet_lite0 run, trained and exported with today's defaults (conftest.TINY)."""
+    return artifact_dir
+
+
+def _red_share(batch: np.ndarray, pre: Preprocessing) -> float:
+    """Share of the batch's pixels that are the red of the bands (after undoing the normalisation)."""
+    pixels = batch[0] * np.asarray(pre.std, dtype=np.float32)[:, None, None] + np.asarray(pre.mean, dtype=np.float32)[:, None, None]
+    return float(((pixels[0] > 0.9) & (pixels[2] < 0.1)).mean())
+
+
+def test_new_lite0_artifact_records_and_serves_the_weights_resize_and_crop(lite0_artifact):
+    """Training takes the weights' own preprocessing (timm's pretrained config) and the artifact serves it: the
+    centre crop cuts the red bands off."""
+    from models.predictor import Predictor
+
+    predictor = Predictor.from_artifact(lite0_artifact)
+    recorded = predictor.manifest.preprocessing
+    assert (recorded.resize, recorded.crop_pct, recorded.interpolation) == ("shorter_side_crop", 0.875, "bicubic")
+    assert _red_share(predictor.preprocess([_red_edged_wide_image()]), recorded) == 0.0
+
+
+def test_old_squash_manifest_still_loads_and_serves_squashed_pixels(lite0_artifact, tmp_path):
+    """A manifest written before the lite0 default changed (no field it lacks) loads, and the service path
+    (`Predictor.predict`, what /classify and /embed call) sees stretched pixels: both red bands, a third of the
+    width, as when it was trained."""
+    from models.predictor import Predictor
+
+    old = Predictor.from_artifact(_copy_with_preprocessing(lite0_artifact, OLD_LITE0_SQUASH, tmp_path / "old"))
+    new = Predictor.from_artifact(lite0_artifact)
+    assert old.manifest.preprocessing == Preprocessing.model_validate(OLD_LITE0_SQUASH)
+    image = _red_edged_wide_image()
+    squashed = old.preprocess([image])
+    assert _red_share(squashed, old.manifest.preprocessing) == pytest.approx(1 / 3, abs=0.03)
+    served_old, served_new = old.predict([image]).embeddings, new.predict([image]).embeddings
+    np.testing.assert_allclose(served_old, old.predict_batch(squashed).embeddings, rtol=0, atol=1e-6)
+    assert not np.allclose(served_old, served_new, atol=1e-4), "the two manifests must serve different pixels"
+
+
+@pytest.mark.parametrize("source, bands_kept", [("old squash manifest", True), ("lite0 default", False)])
+def test_training_cache_holds_the_serving_geometry(tmp_path, source, bands_kept):
+    """Training's image cache (which its random resized crops sample from) is made by the run's preprocessing at
+    the cache side: with lite0's default (the weights' crop) it holds only the centre region serving will see."""
+    from training.config import TrainConfig
+    from training.data import ImageRecord, decode_to_cache
+
+    path = tmp_path / "wide.png"
+    _red_edged_wide_image().save(path)
+    if source == "lite0 default":
+        pre = TrainConfig(data=tmp_path, output=tmp_path / "run", image_size=32).preprocessing()
+    else:
+        pre = Preprocessing.model_validate(OLD_LITE0_SQUASH)
+    cached = decode_to_cache([ImageRecord(path=path, label="x")], pre, side=37, workers=1)[0].numpy()
+    red = (cached[0] > 230) & (cached[2] < 25)
+    assert red.any() == bands_kept

@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from models.ood import DEFAULT_METHOD, DEFAULT_TARGET_REJECTION, OODMethod
 from models.preprocessing import Preprocessing
-from models.registry import DEFAULT_BACKBONE, get_spec
+from models.registry import DEFAULT_BACKBONE, UnknownBackboneError, get_spec
 from training.strategies import STRATEGIES, Strategy
 
 AUTO_TEST_MIN_IMAGES = 100
@@ -113,6 +113,16 @@ class TrainConfig(BaseModel):
         default=DEFAULT_TARGET_REJECTION, ge=0, lt=1,
         description="Share of in-distribution images the OOD threshold flags as unknown.",
     )
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        """Resolved once here (a registry name or timm/<name>), so a typo fails before any image is read."""
+        try:
+            get_spec(value)
+        except UnknownBackboneError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     def preprocessing(self) -> Preprocessing:
         """The backbone's pretrained preprocessing at the serving image size: what evaluation and export use."""
