@@ -273,6 +273,28 @@ def backbones() -> None:
         typer.echo(f"{name:20s} {p.image_size}px  embedding {spec.embedding_dim:4d}  weights: {spec.weights_source}")
 
 
+@app.command()
+@friendly_errors
+def audit(
+    data: Path = typer.Argument(..., help="Image folder or CSV manifest (the same inputs as `train`)."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", help="Embed with this trained artifact's network "
+                                            "(default: the default backbone's ImageNet weights)."),
+    output: Optional[Path] = typer.Option(None, help="Folder for audit.json and audit.html (default: audits/<data name>)."),
+    image_size: Optional[int] = typer.Option(None, help="Input side without --artifact (default: the backbone's)."),
+    engine: str = typer.Option("local", help="local | ray: extraction's engine computes the embeddings."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Find unreadable files, exact and near duplicates (across splits and labels), likely label errors, class
+    imbalance and outliers; writes audit.json and audit.html and prints a one-line summary."""
+    from training.audit.run import AUDIT_HTML, AuditConfig, run_audit
+
+    config = AuditConfig(data=data, output=output or Path("audits") / data.stem, artifact=artifact,
+                         image_size=image_size, engine=engine, show_progress=progress)
+    report = run_audit(config)
+    typer.echo(report.summary)
+    typer.echo(f"report: {config.output / AUDIT_HTML}")
+
+
 # --- serving commands (import, serve) ---
 
 
