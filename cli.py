@@ -122,6 +122,7 @@ def train(
     name: Optional[str] = _option("name"),
     ood_method: str = _option("ood_method"),
     ood_target_rejection: float = _option("ood_target_rejection"),
+    audit: bool = _option("audit"),
     legacy_defaults: bool = typer.Option(False, "--legacy-defaults", help="Start from the pre-2026-11-27 defaults "
                                          "(8 epochs, 70/15/15, no refit, training at the serving size, ...); "
                                          "options given explicitly still win."),
@@ -205,7 +206,7 @@ def evaluate(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
     data: Path = typer.Option(..., "--data", help="Labelled image folder, CSV manifest, or a run's splits.csv."),
     split: Optional[str] = typer.Option(None, help="Only this split of the data (train, val or test)."),
-    output: Path = typer.Option(Path("evaluation"), help="Folder for report.json and confusion_matrix.png."),
+    output: Path = typer.Option(Path("evaluation"), help="Folder for report.json, evaluation.html and confusion_matrix.png."),
     runtime: str = typer.Option("auto", help="auto | onnx | torchscript."),
     ood: Optional[Path] = typer.Option(
         None, "--ood", help="Folder of out-of-distribution images (any images, recursive): adds AUROC, FPR@95%TPR "
@@ -233,7 +234,7 @@ def evaluate(
     output.mkdir(parents=True, exist_ok=True)
     report, skipped = evaluate_artifact(
         Predictor.from_artifact(artifact, InferenceOptions(runtime=runtime)), records, ood_images=ood_images,
-        ood_histogram_png=output / "ood_histogram.png" if ood_images else None,
+        ood_histogram_png=output / "ood_histogram.png" if ood_images else None, html_report=output / "evaluation.html",
     )
     (output / "report.json").write_text(report.model_dump_json(indent=2))
     save_confusion_matrix_png(report, output / "confusion_matrix.png")
@@ -245,7 +246,7 @@ def evaluate(
     if report.ood is not None:
         summary |= {f"ood_{k}": v for k, v in report.ood.model_dump().items()}
     typer.echo(json.dumps(summary, indent=2))
-    typer.echo(f"report: {output / 'report.json'}")
+    typer.echo(f"report: {output / 'report.json'}  (to read: {output / 'evaluation.html'})")
 
 
 @app.command()

@@ -105,6 +105,9 @@ class TrainConfig(BaseModel):
         description="Share of in-distribution images the OOD threshold flags as unknown.",
     )
 
+    audit: bool = Field(default=True, description="Before training, warn (one line each) about unreadable files and "
+                        "byte-identical images in two splits; `transfer-serve audit` checks the rest (--no-audit: skip).")
+
     @field_validator("time_budget")
     @classmethod
     def _valid_duration(cls, value: str | None) -> str | None:

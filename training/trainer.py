@@ -49,7 +49,9 @@ from training.data import (
     scan_readable,
     split_records,
 )
+from training.audit.checks import warn_before_training
 from training.evaluate import EvaluationReport, evaluate_predictions
+from training.html_report import write_evaluation_html
 from training.export import export_run
 from training.ood_fit import fit_run_ood
 from training.run_dir import Checkpoint, EpochRecord, RunDir, RunPlan
@@ -677,6 +679,8 @@ def calibrate_and_test(config: TrainConfig, run: RunDir, setup: TrainingSetup) -
         report = evaluate_predictions(_probabilities(test_logits), test_targets.numpy(), setup.labels)
         report.note = (f"held-out test split: {report.images} images never used for training or selection"
                        + (" (the exported model is the refit on train+val)" if refit else ""))
+        write_evaluation_html(report, [r.path for r in setup.test_set.records], _probabilities(test_logits),
+                              test_targets.numpy(), run.evaluation_html, title="Held-out test split")
     else:
         report = evaluate_predictions(_probabilities(val_logits / temperature), val_targets.numpy(), setup.labels)
         report.source = "validation"
@@ -740,6 +744,8 @@ def _train(config: TrainConfig, show_progress: bool) -> TrainResult:
     run = open_run_dir(config)
     device = torch.device(resolve_device(config.device))
     splits, skipped = prepare_splits(config, run)
+    if config.audit:
+        warn_before_training(splits, skipped)
     setup = build_model_and_optimizer(config, splits, device, run, show_progress, started)
     budget = config.time_budget_seconds()
     if budget is not None:
