@@ -287,11 +287,12 @@ def audit(
 ) -> None:
     """Find unreadable files, exact and near duplicates (across splits and labels), likely label errors, class
     imbalance and outliers; writes audit.json and audit.html and prints a one-line summary."""
+    from extraction.embed import embed_paths
     from training.audit.run import AUDIT_HTML, AuditConfig, run_audit
 
     config = AuditConfig(data=data, output=output or Path("audits") / data.stem, artifact=artifact,
                          image_size=image_size, engine=engine, show_progress=progress)
-    report = run_audit(config)
+    report = run_audit(config, embed_paths)
     typer.echo(report.summary)
     typer.echo(f"report: {config.output / AUDIT_HTML}")
 

@@ -27,10 +27,10 @@ def plant_problems(data: Path, work: Path, flips: int = 10, split_copies: int = 
     problems planted; copies and the truncated file are new files under `work/planted/`."""
     records = discover_images(data)
     records = records if any(r.split for r in records) else split_records(records, test_fraction=0.15, seed=seed).records()
-    records = [r for r in records if r.path.suffix.lower() in (".png", ".jpg", ".jpeg")]
     labels = sorted({r.label for r in records})
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(records), flips + split_copies + label_copies + 1, replace=False)
+    plain = [i for i, r in enumerate(records) if r.path.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    chosen = rng.choice(plain, flips + split_copies + label_copies + 1, replace=False)
     copies = work / "planted"
     copies.mkdir(parents=True, exist_ok=True)
     planted = Planted(manifest=work / "manifest.csv")

@@ -14,18 +14,16 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import jinja2
 import numpy as np
 from markupsafe import Markup
+from pydantic import BaseModel
 
 from models.decoding import ImageDecodeError, load_image
 from models.files import atomic_write_text
-
-if TYPE_CHECKING:
-    from training.audit.schema import AuditReport
-    from training.evaluate import EvaluationReport
+from training.audit.schema import AuditReport
 
 MAX_PER_SECTION = 100
 THUMBNAIL_SIDE = 96
@@ -89,12 +87,12 @@ def _render(template: str, path: Path, **context) -> Path:
     return path
 
 
-def write_audit_html(report: "AuditReport", path: Path) -> Path:
+def write_audit_html(report: AuditReport, path: Path) -> Path:
     return _render("audit.html.j2", Path(path), report=report)
 
 
 def write_evaluation_html(
-    report: "EvaluationReport",
+    report: BaseModel,
     paths: Sequence[Path],
     probabilities: np.ndarray,
     targets: np.ndarray,
@@ -102,7 +100,8 @@ def write_evaluation_html(
     ood_scores: np.ndarray | None = None,
     title: str = "Evaluation",
 ) -> Path:
-    """`evaluation.html`: the report's figures plus the worst mistakes (wrong, most confident first) as
+    """`evaluation.html` of a `training.evaluate.EvaluationReport` (typed by its base class: evaluate calls this
+    module, so this module does not import evaluate): the report's figures plus the worst mistakes (wrong, most confident first) as
     thumbnails, the reliability diagram and, with OOD scores, the most and least unusual images."""
     targets = np.asarray(targets)
     predicted = probabilities.argmax(axis=1)

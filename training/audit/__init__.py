@@ -4,8 +4,9 @@ Modules, lowest first:
 
 * `schema`: the pydantic shape of `audit.json` (`AuditReport` and every finding), declared once;
 * `scan`: every file read once, hashed (sha256) and decoded through the one decoding function;
-* `embeddings`: embeddings from extraction's engine (local or Ray Data) with a trained artifact, or with
-  the default ImageNet backbone exported once as an embedding-only artifact;
+* `embedder`: the default ImageNet backbone exported once as an embedding-only artifact (without `--artifact`);
+  the embeddings themselves come from extraction's engine (`extraction.embed.embed_paths`, local or Ray
+  Data), which the caller passes in (training does not import extraction);
 * `duplicates`: exact (content hash) and near (cosine similarity, blockwise) duplicate groups, flagged
   across splits and across labels;
 * `label_issues`: out-of-fold probe probabilities ranked by confident learning (Northcutt et al., 2021);

@@ -4,16 +4,16 @@ outliers; written as `audit.json` (`AuditReport`) and `audit.html`, summed up in
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Literal, Protocol, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from extraction.config import EngineName
 from models.artifact import load_artifact
 from models.files import atomic_write_text
 from models.registry import DEFAULT_BACKBONE
 from training.audit.duplicates import DEFAULT_NEAR_DUPLICATE_THRESHOLD, exact_groups, near_groups, rank_groups
-from training.audit.embeddings import embed_paths, embedder_artifact
+from training.audit.embedder import embedder_artifact
 from training.audit.label_issues import score_labels
 from training.audit.outliers import DEFAULT_OUTLIER_Z, class_outlier_scores
 from training.audit.scan import ignored_files, scan_files
@@ -27,6 +27,19 @@ from training.audit.schema import (
     UnreadableFile,
 )
 from training.data import DataError, ImageRecord, discover_images, split_records
+
+EngineName = Literal["local", "ray"]
+"""Extraction's engines (`extraction.config.EngineName`; training does not import the extraction job)."""
+
+
+class EmbeddingsLike(Protocol):
+    unit: np.ndarray  # (N, D) float32, L2-normalised, in the order of the paths asked for
+    ood_scores: np.ndarray | None  # (N,) the artifact's OOD score, when it has a detector
+
+
+EmbedPaths = Callable[[Sequence[Path], Path, Path, EngineName, bool], EmbeddingsLike]
+"""(paths, artifact, work folder, engine, show progress) -> embeddings: `extraction.embed.embed_paths`, passed in
+by the caller (the CLI) because the training layer does not import the extraction job."""
 
 AUDIT_JSON = "audit.json"
 AUDIT_HTML = "audit.html"
@@ -76,8 +89,8 @@ def _summary(report: AuditReport) -> str:
     return ", ".join(parts) + f" ({report.settings.images} images)"
 
 
-def run_audit(config: AuditConfig) -> AuditReport:
-    """Audit `config.data`; writes OUTPUT/audit.json and OUTPUT/audit.html and returns the report."""
+def run_audit(config: AuditConfig, embed: EmbedPaths) -> AuditReport:
+    """Audit `config.data`, embedding with `embed`; writes OUTPUT/audit.json and OUTPUT/audit.html and returns the report."""
     from training.html_report import write_audit_html
 
     config.output.mkdir(parents=True, exist_ok=True)
@@ -101,7 +114,7 @@ def run_audit(config: AuditConfig) -> AuditReport:
               for s in good]
     hashes = [s.sha256 for s in good]
 
-    embeddings = embed_paths([i.path for i in images], artifact, config.output / "embeddings", config.engine,
+    embeddings = embed([i.path for i in images], artifact, config.output / "embeddings", config.engine,
                              config.show_progress)
     groups = rank_groups(exact_groups(images, hashes)
                          + near_groups(images, embeddings.unit, config.near_duplicate_threshold, hashes))
