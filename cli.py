@@ -209,7 +209,7 @@ def evaluate(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
     data: Path = typer.Option(..., "--data", help="Labelled image folder, CSV manifest, or a run's splits.csv."),
     split: Optional[str] = typer.Option(None, help="Only this split of the data (train, val or test)."),
-    output: Path = typer.Option(Path("evaluation"), help="Folder for report.json and confusion_matrix.png."),
+    output: Path = typer.Option(Path("evaluation"), help="Folder for report.json, evaluation.html and confusion_matrix.png."),
     runtime: str = typer.Option("auto", help="auto | onnx | torchscript."),
     ood: Optional[Path] = typer.Option(
         None, "--ood", help="Folder of out-of-distribution images (any images, recursive): adds AUROC, FPR@95%TPR "
@@ -237,7 +237,7 @@ def evaluate(
     output.mkdir(parents=True, exist_ok=True)
     report, skipped = evaluate_artifact(
         Predictor.from_artifact(artifact, InferenceOptions(runtime=runtime)), records, ood_images=ood_images,
-        ood_histogram_png=output / "ood_histogram.png" if ood_images else None,
+        ood_histogram_png=output / "ood_histogram.png" if ood_images else None, html_report=output / "evaluation.html",
     )
     (output / "report.json").write_text(report.model_dump_json(indent=2))
     save_confusion_matrix_png(report, output / "confusion_matrix.png")
@@ -249,7 +249,7 @@ def evaluate(
     if report.ood is not None:
         summary |= {f"ood_{k}": v for k, v in report.ood.model_dump().items()}
     typer.echo(json.dumps(summary, indent=2))
-    typer.echo(f"report: {output / 'report.json'}")
+    typer.echo(f"report: {output / 'report.json'}  (to read: {output / 'evaluation.html'})")
 
 
 @app.command()
@@ -279,6 +279,29 @@ def backbones() -> None:
                    f"weights: {spec.weights_source}")
     typer.echo("timm/<name>          any timm model (e.g. timm/convnext_tiny.fb_in22k): its pretrained config's "
                "preprocessing, weights from the Hugging Face cache or --weights FILE")
+
+
+@app.command()
+@friendly_errors
+def audit(
+    data: Path = typer.Argument(..., help="Image folder or CSV manifest (the same inputs as `train`)."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", help="Embed with this trained artifact's network "
+                                            "(default: the default backbone's ImageNet weights)."),
+    output: Optional[Path] = typer.Option(None, help="Folder for audit.json and audit.html (default: audits/<data name>)."),
+    image_size: Optional[int] = typer.Option(None, help="Input side without --artifact (default: the backbone's)."),
+    engine: str = typer.Option("local", help="local | ray: extraction's engine computes the embeddings."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Find unreadable files, exact and near duplicates (across splits and labels), likely label errors, class
+    imbalance and outliers; writes audit.json and audit.html and prints a one-line summary."""
+    from extraction.embed import embed_paths
+    from training.audit.run import AUDIT_HTML, AuditConfig, run_audit
+
+    config = AuditConfig(data=data, output=output or Path("audits") / data.stem, artifact=artifact,
+                         image_size=image_size, engine=engine, show_progress=progress)
+    report = run_audit(config, embed_paths)
+    typer.echo(report.summary)
+    typer.echo(f"report: {config.output / AUDIT_HTML}")
 
 
 # --- serving commands (import, serve) ---

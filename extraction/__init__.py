@@ -11,5 +11,6 @@ Modules, lowest first (each imports only those above it):
   (input `i` goes to shard `i // shard_size`, `part-00000.parquet`, ...), `ShardAssembler`, error records;
 * `decode` (`ImageDecoder`) and `predictor` (`EmbeddingPredictor`): the two stages, plain callables;
 * `local` and `ray_engine`: the two engines, sharing everything above but the execution;
-* `job`: `run_extraction` (plan, lock, resume, run an engine, summary) and `read_errors`.
+* `job`: `run_extraction` (plan, lock, resume, run an engine, summary) and `read_errors`;
+* `embed`: `embed_paths`, the job run on a list of files and read back as arrays (what `transfer-serve audit` uses).
 """

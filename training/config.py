@@ -114,6 +114,9 @@ class TrainConfig(BaseModel):
         description="Share of in-distribution images the OOD threshold flags as unknown.",
     )
 
+    audit: bool = Field(default=True, description="Before training, warn (one line each) about unreadable files and "
+                        "byte-identical images in two splits; `transfer-serve audit` checks the rest (--no-audit: skip).")
+
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:

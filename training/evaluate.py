@@ -155,11 +155,13 @@ def evaluate_artifact(
     batch_size: int = 32,
     ood_images: Sequence[Path] | None = None,
     ood_histogram_png: Path | None = None,
+    html_report: Path | None = None,
 ) -> tuple[EvaluationReport, list["SkippedImage"]]:
     """Run an exported model over labelled records exactly as the service would, and score it. With an OOD
     detector, the report gives the share of these images flagged unknown; `ood_images` (foreign images) adds
     AUROC, FPR@95%TPR and the shares flagged at the artifact's threshold, and `ood_histogram_png` the plot of
-    both score distributions."""
+    both score distributions; `html_report` the page a person reads (`training.html_report`: worst mistakes as
+    thumbnails, reliability diagram, most and least unusual images)."""
     from training.data import DataError
 
     unknown = sorted({r.label for r in records} - set(predictor.labels))
@@ -172,7 +174,8 @@ def evaluate_artifact(
     probabilities, id_scores, kept, skipped = predict_files(predictor, [r.path for r in records], batch_size)
     if not kept:
         raise DataError("none of the images could be read")
-    report = evaluate_predictions(probabilities, [index[records[i].label] for i in kept], predictor.labels)
+    targets = [index[records[i].label] for i in kept]
+    report = evaluate_predictions(probabilities, targets, predictor.labels)
     if id_scores is not None:
         report.ood_flagged_share = float((id_scores > predictor.ood.threshold).mean())
     if ood_images is not None:
@@ -183,6 +186,11 @@ def evaluate_artifact(
         report.ood = evaluate_ood(id_scores, ood_scores, predictor.ood.threshold)
         if ood_histogram_png is not None:
             save_ood_histogram_png(id_scores, ood_scores, predictor.ood.threshold, ood_histogram_png)
+    if html_report is not None:
+        from training.html_report import write_evaluation_html
+
+        write_evaluation_html(report, [records[i].path for i in kept], probabilities, np.asarray(targets), html_report,
+                              ood_scores=id_scores, title=f"Evaluation of {predictor.manifest.name} {predictor.manifest.version}")
     return report, skipped
 
 

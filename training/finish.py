@@ -12,6 +12,7 @@ from training.calibration import fit_temperature, fold_temperature
 from training.candidates.selection import CandidateName
 from training.config import TrainConfig
 from training.evaluate import EvaluationReport, evaluate_predictions
+from training.html_report import write_evaluation_html
 from training.ood_fit import fit_run_ood
 from training.run_dir import RunDir, StateDict
 from training.setup import TrainingSetup
@@ -53,6 +54,8 @@ def calibrate_and_test(config: TrainConfig, run: RunDir, setup: TrainingSetup, w
         report = evaluate_predictions(probabilities(test_logits), test_targets.numpy(), setup.labels)
         report.note = (f"held-out test split: {report.images} images never used for training or selection; the "
                        f"exported model is the {weights.candidate}" + (" refit on train+val" if refit else ""))
+        write_evaluation_html(report, [r.path for r in setup.test_set.records], probabilities(test_logits),
+                              test_targets.numpy(), run.evaluation_html, title="Held-out test split")
     else:
         report = evaluate_predictions(probabilities(val_logits / temperature), val_targets.numpy(), setup.labels)
         report.source = "validation"
@@ -81,6 +84,8 @@ def finish_without_validation(config: TrainConfig, run: RunDir, setup: TrainingS
         report = evaluate_predictions(probabilities(logits), targets.numpy(), setup.labels)
         report.note = (f"held-out test split: {report.images} images never used for training; probabilities not "
                        "calibrated (no validation images to fit a temperature on)")
+        write_evaluation_html(report, [r.path for r in setup.test_set.records], probabilities(logits),
+                              targets.numpy(), run.evaluation_html, title="Held-out test split")
     else:
         labels = setup.labels
         report = EvaluationReport(

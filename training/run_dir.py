@@ -241,6 +241,7 @@ class RunDir:
     history = RunFile("history.json")  # one `EpochRecord` per epoch
     test_report = RunFile("test_report.json")  # the held-out test `EvaluationReport`
     confusion_matrix_png = RunFile("confusion_matrix.png")  # the test confusion matrix
+    evaluation_html = RunFile("evaluation.html")  # the test split's report for a person (training.html_report)
     ood_summary = RunFile("ood.json")  # the fitted OOD detector's `OODSummary` (absent: no detector)
     ood_parameters = RunFile(OOD_FILE)  # its arrays (knn reference, mahalanobis means/precision)
     artifact = RunFile("artifact")  # the exported artifact folder

@@ -28,6 +28,7 @@ from models.inference import resolve_device
 from training.candidates import finetune
 from training.candidates.probe import refit_probe, train_probe
 from training.candidates.selection import Selection, choose
+from training.audit.checks import warn_before_training
 from training.config import TrainConfig
 from training.data import DataError, SkippedImage, Splits, discover_images, scan_readable, split_records
 from training.evaluate import EvaluationReport
@@ -165,6 +166,8 @@ def _train(config: TrainConfig, show_progress: bool) -> TrainResult:
     run = open_run_dir(config)
     device = torch.device(resolve_device(config.device))
     splits, skipped = prepare_splits(config, run)
+    if config.audit:
+        warn_before_training(splits, skipped)
     setup = build_setup(config, splits, device, run, show_progress, started)
     if config.time_budget is not None:
         reserve = EXPORT_OVERHEAD_SECONDS if config.export else 0.0
