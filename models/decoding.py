@@ -22,7 +22,6 @@ models were trained. Conversion to RGB happens here, once; `normalized_chw` take
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
 import stat
