@@ -22,7 +22,6 @@ models were trained. Conversion to RGB happens here, once; `normalized_chw` take
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
 import stat
@@ -347,6 +346,9 @@ def _decode_errors(data: bytes = b"") -> Iterator[None]:
         declared = _declared_size(data[:SNIFF_BYTES])
         if declared is not None and 0 in declared:
             raise ImageDecodeError(f"zero-size image ({declared[0]}x{declared[1]})") from None
+        other = _unsupported_format(data[:SNIFF_BYTES])
+        if other is not None:
+            raise ImageDecodeError(f"unsupported image format {other!r}") from None
         raise ImageDecodeError(
             f"not an image, or an unsupported image format: the bytes match none of {', '.join(OPEN_FORMATS)}"
         ) from None
@@ -401,6 +403,18 @@ def _band_converter(image: Image.Image, working: str) -> Callable[[Image.Image],
         shift = 8 if (image.getextrema()[1] or 0) > 255 else 0  # the whole image's range decides, as unbanded
         return lambda band: _sixteen_bit_to_l(band, shift)
     return lambda band: band.convert(working)
+
+
+def _unsupported_format(header: bytes) -> str | None:
+    """The format another Pillow plugin recognises from these header bytes alone (its `accept` check, a
+    prefix comparison: nothing is parsed), to name it in the refusal."""
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        if name not in SUPPORTED_FORMATS and accept is not None:
+            with contextlib.suppress(Exception):
+                if accept(header) is True:
+                    return name
+    return None
 
 
 def _declared_size(header: bytes) -> tuple[int, int] | None:
