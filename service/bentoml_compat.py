@@ -86,7 +86,7 @@ from service.errors import capped, describe_validation_errors
 
 logger = logging.getLogger("bentoml.transfer_serve")
 
-TESTED_VERSIONS: dict[str, str] = {"bentoml": "1.4", "uvicorn": "0.54"}
+TESTED_VERSIONS: dict[str, str] = {"bentoml": "1.4", "uvicorn": "0.55"}
 """major.minor of the packages whose internals this module was written and tested against."""
 
 IO_DESCRIPTOR_HOOKS: dict[str, tuple[str, ...]] = {
