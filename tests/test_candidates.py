@@ -149,6 +149,8 @@ def test_few_validation_images_validate_the_finetune_once_to_compare_it_with_the
     assert plan.eval_every == plan.steps, "one validation, at the end: nothing is chosen on it but the candidate"
     alone = plan_run(config.model_copy(update={"candidate": "finetune"}), _splits(10))
     assert alone.candidates == ["finetune"] and not alone.select and alone.refit_images == 100
+    probe = plan_run(config.model_copy(update={"candidate": "probe"}), _splits(10))
+    assert probe.candidates == ["probe"] and probe.select, "the probe calibrates on validation, then refits on all"
     many = plan_run(config, _splits(40))  # 60 validation images: the step count is chosen on them
     assert many.choose_steps and many.eval_every == many.steps // 10
 

@@ -38,7 +38,7 @@ def plan_run(config: TrainConfig, splits: Splits, seconds_so_far: float = 0.0, p
     n_train, n_val, n_test = len(splits.train), len(splits.val), len(splits.test)
     candidates = plan_candidates(config, n_val)
     choose_steps = n_val >= config.min_val_images
-    select = choose_steps or (n_val > 0 and len(candidates) > 1)
+    select = choose_steps or (n_val > 0 and "probe" in candidates)  # the probe is compared, calibrated, then refit
     refit = config.refit or not select
     refit_images = n_train + n_val if refit else n_train
     wanted = config.budget_steps(n_train if select else refit_images)
