@@ -67,7 +67,7 @@ class BackboneSpec:
     weights_source: str
     preprocessing: Preprocessing
     embedding_dim: int | None
-    """Size of the pooled embedding; None: read from the built timm model (`num_features`)."""
+    """Size of the pooled embedding; None: read from the built timm model (`_timm_pooled_features`)."""
     group_units: tuple[str, ...] | None
     """Sub-module names from stem to top, split into NUM_LAYER_GROUPS consecutive layer groups; None: timm's
     own coarse `group_matcher` grouping of the built model."""
@@ -76,8 +76,9 @@ class BackboneSpec:
 
 
 class _DirectParameters(nn.Module):
-    """Holds a model's own parameters (a ViT's class token and position embedding, not in any child module) so
-    a layer group can carry them; not registered in the network, so its state dict is unchanged."""
+    """Holds a module's own parameters, not those of its children (a ViT's class token and position embedding, a
+    ConvNeXt block's layer-scale gamma), so a layer group can carry them; not registered in the network, so its
+    state dict is unchanged."""
 
     def __init__(self, owner: nn.Module) -> None:
         super().__init__()
@@ -92,7 +93,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.body = body
         self.name = spec.name
-        self.embedding_dim = spec.embedding_dim or int(body.num_features)
+        self.embedding_dim = spec.embedding_dim or _timm_pooled_features(body)
         self._group_units = spec.group_units
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +121,12 @@ class Backbone(nn.Module):
 
 
 # --- timm ------------------------------------------------------------------------------------------------------
+
+
+def _timm_pooled_features(model: nn.Module) -> int:
+    """What a timm model returns once its classifier is reset: `head_hidden_size` where a pre-logits layer sits
+    after the features (MobileNetV3's 1280 after 960 features for mobilenetv3_large_100), else `num_features`."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def _timm_units(body: nn.Module) -> list[list[nn.Module]]:

@@ -133,11 +133,14 @@ def test_timm_model_by_name_with_a_local_weights_file(tmp_path, prefix):
     assert any(m is backbone.body.get_submodule("layer4.0.conv2") for m in groups[-1])
 
 
-@pytest.mark.parametrize("name", ["timm/test_vit", "timm/test_convnext"])
+@pytest.mark.parametrize("name", ["timm/test_vit", "timm/test_convnext", "timm/mobilenetv3_small_050"])
 def test_timm_layer_groups_hold_each_parameter_once(name):
     """A ViT's class token and position embedding belong to no child module, a ConvNeXt block owns its layer-scale
-    gamma beside its children: every parameter is still in exactly one group, and the state dict is unchanged."""
+    gamma beside its children: every parameter is still in exactly one group, and the state dict is unchanged.
+    The embedding size is what the network returns (MobileNetV3: its 1024-wide pre-logits, not its 288 features)."""
     backbone = create_backbone(name, "none")
+    with torch.no_grad():
+        assert backbone.eval()(torch.randn(1, 3, 64, 64)).shape == (1, backbone.embedding_dim)
     keys = set(backbone.state_dict())
     groups = backbone.layer_groups()
     assert len(groups) == 5
