@@ -116,3 +116,13 @@ def test_audit_cli_refuses_a_missing_folder_with_one_error_line(tmp_path):
                                       "--artifact", str(tmp_path / "no-artifact")])
     assert result.exit_code != 0
     assert result.output.strip().startswith("error:") and "Traceback" not in result.output
+
+
+def test_train_has_a_no_audit_flag_that_reaches_the_config():
+    from typer.testing import CliRunner
+
+    from cli import app
+    from training.config import TrainConfig
+
+    assert "--no-audit" in CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
+    assert TrainConfig(data="d", output="o").audit is True and TrainConfig(data="d", output="o", audit=False).audit is False
