@@ -34,9 +34,17 @@ def test_similar_pairs_blockwise_equals_the_full_matrix():
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
     full = unit @ unit.T
     expected = {(i, j) for i, j in zip(*np.nonzero(full >= 0.8)) if j > i}
-    i, j, s = similar_pairs(unit, 0.8, block=7)
+    i, j, s = similar_pairs(unit, 0.8, block=7, max_neighbours=299)
     assert set(zip(i.tolist(), j.tolist())) == expected and len(i) == len(expected)
     assert np.allclose(s, full[i, j])
+
+
+def test_similar_pairs_stay_linear_when_every_image_looks_alike():
+    unit = np.ones((500, 4), dtype=np.float32) / 2.0  # 500 identical embeddings: 124,750 pairs above any threshold
+    i, j, _ = similar_pairs(unit, 0.9, block=64, max_neighbours=5)
+    assert len(i) <= 500 * 5 and (i < j).all()
+    assert len(near_groups([AuditedImage(path=Path(f"{n}"), label="a") for n in range(500)], unit, 0.9,
+                           exclude_same=[str(n) for n in range(500)])[0].images) == 500
 
 
 def test_near_groups_join_chains_and_flag_splits_and_labels():
@@ -116,3 +124,13 @@ def test_audit_cli_refuses_a_missing_folder_with_one_error_line(tmp_path):
                                       "--artifact", str(tmp_path / "no-artifact")])
     assert result.exit_code != 0
     assert result.output.strip().startswith("error:") and "Traceback" not in result.output
+
+
+def test_train_has_a_no_audit_flag_that_reaches_the_config():
+    from typer.testing import CliRunner
+
+    from cli import app
+    from training.config import TrainConfig
+
+    assert "--no-audit" in CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
+    assert TrainConfig(data="d", output="o").audit is True and TrainConfig(data="d", output="o", audit=False).audit is False

@@ -52,6 +52,8 @@ def test_evaluate_held_out_split_matches_training_report(trained_run, tmp_path):
     assert report["images"] == trained_run.test.images
     assert report["accuracy"] == pytest.approx(trained_run.test.accuracy, abs=1.0 / report["images"] + 1e-9)
     assert (out / "confusion_matrix.png").exists()
+    page = (out / "evaluation.html").read_text()
+    assert 'id="mistakes"' in page and 'id="calibration"' in page and f"{report['images']} images" in page
 
 
 def test_export_command_reexports_a_run(trained_run, tmp_path):

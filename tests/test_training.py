@@ -13,7 +13,7 @@ from training.data import DataError
 def test_run_produces_metrics_checkpoints_and_artifact(trained_run):
     run = trained_run.run_dir
     for name in ("checkpoint.pt", "best.pt", "refit.pt", "model.pt", "calibration.json", "splits.csv", "history.json",
-                 "test_report.json", "confusion_matrix.png", "plan.json"):
+                 "test_report.json", "confusion_matrix.png", "plan.json", "evaluation.html"):
         assert (run / name).exists(), name
     assert len(trained_run.history) == 2  # steps=4, validated every 2
     assert [h.step for h in trained_run.history] == [2, 4]

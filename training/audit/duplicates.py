@@ -2,7 +2,8 @@
 threshold), grouped by connected components, and flagged when a group spans splits or labels.
 
 The near-duplicate search compares blocks of `block` rows against all rows: memory O(block x n), never the
-n x n matrix (10,000 images: 40 MB a block, not 400 MB)."""
+n x n matrix (10,000 images: 40 MB a block, not 400 MB), and keeps at most `MAX_NEIGHBOURS` partners per
+image, so the pairs stay O(n) however many images look alike."""
 
 from __future__ import annotations
 
@@ -15,27 +16,43 @@ from scipy.sparse.csgraph import connected_components
 
 from training.audit.schema import AuditedImage, DuplicateGroup
 
-DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.97
+DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.90
 """Cosine similarity of ImageNet embeddings at or above which two images count as the same photo; measured
-by benchmarks/audit_threshold.py (docs/AUDIT.md#threshold)."""
+by `python -m benchmarks.audit threshold` (docs/AUDIT.md#near-duplicate-threshold)."""
 
 BLOCK_ROWS = 1024
 
 
-def similar_pairs(unit: np.ndarray, threshold: float, block: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, similarity) of every pair i < j with cosine similarity >= threshold, block by block."""
+MAX_NEIGHBOURS = 32
+"""Most near-duplicate partners kept per image (its most similar ones): a set of thousands of near-identical
+images (blank frames, a burst of one scene) would otherwise make O(n^2) pairs; the groups stay connected."""
+
+
+def similar_pairs(
+    unit: np.ndarray, threshold: float, block: int = BLOCK_ROWS, max_neighbours: int = MAX_NEIGHBOURS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, similarity) with i < j of every pair with cosine similarity >= threshold where j is among i's
+    `max_neighbours` most similar rows or i among j's; block by block, O(block x n) memory."""
     unit = np.ascontiguousarray(unit, dtype=np.float32)
-    rows, cols, sims = [], [], []
-    for start in range(0, len(unit), block):
-        similarity = unit[start : start + block] @ unit.T
-        i, j = np.nonzero(similarity >= threshold)
-        keep = j > i + start
-        rows.append(i[keep] + start)
-        cols.append(j[keep])
-        sims.append(similarity[i[keep], j[keep]])
-    if not rows:
+    n = len(unit)
+    keep_per_row = max(1, min(max_neighbours, n - 1))
+    if n < 2:
         return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32)
-    return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
+    rows, cols, sims = [], [], []
+    for start in range(0, n, block):
+        similarity = unit[start : start + block] @ unit.T
+        local = np.arange(len(similarity))
+        similarity[local, local + start] = -np.inf  # never its own partner
+        best = np.argpartition(-similarity, keep_per_row - 1, axis=1)[:, :keep_per_row]
+        best_sim = np.take_along_axis(similarity, best, axis=1)
+        r, c = np.nonzero(best_sim >= threshold)
+        rows.append(r + start)
+        cols.append(best[r, c])
+        sims.append(best_sim[r, c])
+    i, j, s = np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
+    low, high = np.minimum(i, j), np.maximum(i, j)
+    _, first = np.unique(low.astype(np.int64) * n + high, return_index=True)
+    return low[first], high[first], s[first]
 
 
 def _group(images: Sequence[AuditedImage], members: Sequence[int], kind: str, similarity: float) -> DuplicateGroup:
