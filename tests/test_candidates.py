@@ -95,10 +95,12 @@ def _hymenoptera_manifest(path: Path, per_class: int, val_per_class: int) -> Pat
 @pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA.exists(), reason=f"{HYMENOPTERA} (real photos) is not on this machine")
 def test_selection_exports_the_probe_where_frozen_features_win(tmp_path):
-    """Ten photos of ants and bees (ImageNet-close): a few fine-tuning steps do not match the probe."""
+    """Ten photos of ants and bees (ImageNet-close): a few fine-tuning steps do not match the probe. At the weights'
+    native 224 px: at 64 px (centre crop) the probe's features are weak enough that 4 fine-tuning steps matched
+    it on these 30 validation images (0.80 vs 0.77 in one run), which tests nothing about the choice."""
     data = _hymenoptera_manifest(tmp_path / "ten_shot.csv", per_class=10, val_per_class=15)
-    config = tiny_config(data, tmp_path / "run", candidate="auto", weights="imagenet", image_size=64,
-                         train_image_size=64, steps=4, eval_every=2, test_fraction=0, export=False)
+    config = tiny_config(data, tmp_path / "run", candidate="auto", weights="imagenet", image_size=224,
+                         train_image_size=96, steps=4, eval_every=2, test_fraction=0, export=False)
     result = train(config, show_progress=False)
     estimates = {e.candidate: e.accuracy for e in result.selection.estimates}
     assert result.selection.chosen == "probe" and estimates["probe"] > estimates["finetune"], estimates
