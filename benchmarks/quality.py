@@ -176,7 +176,8 @@ def run_product(data: Path, test, options: dict, scratch: Path, tag: str) -> dic
     plan = result.plan
     detail = (f"steps {plan.steps} at {plan.train_image_size}px (budget {plan.budget_steps}), best step "
               f"{result.best_step}, refit {result.refit_steps}, threads {plan.threads}; own estimate "
-              f"{result.test.source} {result.test.accuracy:.4f} on {result.test.images}")
+              f"{result.test.source} {result.test.accuracy:.4f} on {result.test.images}"
+              + (f"; {result.selection.describe()}" if result.selection is not None else "; fine-tune only"))
     return {"report": report, "wall_seconds": wall, "train_images": plan.train_images + (plan.val_images if plan.refit else 0),
             "detail": detail}
 

@@ -55,6 +55,12 @@ internals, each checked by tests/test_bentoml_compat.py so that an upgrade that 
    queued meanwhile (up to the max batch size): batches still form under load, from the requests that arrived
    while the previous batch ran, and a lone request never waits for company.
 
+6. **Where the code runs: worker or serving process** (for service/worker_lifetime.py, which makes workers die
+   with their server and stops a server whose workers cannot start). `in_worker()` reads
+   `bentoml._internal.context.server_context.worker_index` (set in a worker before it imports the service);
+   `workers_are_restarted()` reads `bentoml.serving.running_inside_container` (inside a container BentoML does
+   not let circus restart a worker that exited).
+
 `check_compatibility()` (run by the startup hook) compares the installed bentoml and uvicorn with
 `TESTED_VERSIONS`: a different major.minor logs a warning when every attribute relied upon is still there,
 and raises `IncompatibleInternals` naming what is missing when one is not.
@@ -112,6 +118,20 @@ def installed_versions() -> dict[str, str]:
     return {package: metadata.version(package) for package in TESTED_VERSIONS}
 
 
+def in_worker() -> bool:
+    """True inside a BentoML HTTP worker (False in the serving process, `bentoml build`, tests). Section 6."""
+    from bentoml._internal.context import server_context
+
+    return server_context.worker_index is not None
+
+
+def workers_are_restarted() -> bool:
+    """Whether BentoML's circus restarts a worker that exited (not inside a container). Section 6."""
+    from bentoml.serving import running_inside_container
+
+    return not running_inside_container()
+
+
 def missing_internals() -> list[str]:
     """What this module relies on that the installed bentoml and uvicorn lack (empty when all is there)."""
     import uvicorn
@@ -136,6 +156,13 @@ def missing_internals() -> list[str]:
         missing.append("bentoml marshal.dispatcher.Optimizer.trigger_refresh")
     elif "self.wait = " not in inspect.getsource(optimizer):
         missing.append("bentoml dispatcher Optimizer.wait (the learned wait)")
+    from bentoml import serving
+    from bentoml._internal.context import server_context
+
+    if not hasattr(server_context, "worker_index"):
+        missing.append("bentoml server_context.worker_index")
+    if not callable(getattr(serving, "running_inside_container", None)):
+        missing.append("bentoml serving.running_inside_container")
     return missing
 
 

@@ -2,9 +2,9 @@
 
 `bentoml serve` (the serving process, which `transfer-serve serve` becomes through `execve`) imports the service
 module, then starts its HTTP workers as child processes through circus; each worker imports the module again.
-Two gaps of BentoML 1.4 this module closes, relying on that process layout and on two internals
-(`bentoml._internal.context.server_context.worker_index`, set in a worker before it imports the service, and
-`bentoml.serving.running_inside_container`, which decides whether circus restarts a worker that exited):
+Two gaps of BentoML 1.4 this module closes, relying on that process layout and on two internals read through
+service/bentoml_compat.py (section 6: `in_worker()`, and `workers_are_restarted()`, whether circus restarts a
+worker that exited):
 
 1. **Workers outlive a killed server.** SIGKILL of the serving process runs no cleanup: its workers were adopted
    by PID 1 and kept answering on the port. `bind_to_server()`, at the module's import, makes each worker die with
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 from models.lifetime import die_with_parent
+from service.bentoml_compat import in_worker, workers_are_restarted
 
 logger = logging.getLogger("bentoml.transfer_serve")
 
@@ -40,17 +41,8 @@ MAX_FAILED_STARTS = 3
 FAILED_STARTS_EXIT_CODE = 3
 
 
-def in_worker() -> bool:
-    """True inside a BentoML HTTP worker (False in the serving process, `bentoml build`, tests)."""
-    from bentoml._internal.context import server_context
-
-    return server_context.worker_index is not None
-
-
 def failed_start_limit() -> int:
-    from bentoml.serving import running_inside_container
-
-    return 1 if running_inside_container() else MAX_FAILED_STARTS
+    return MAX_FAILED_STARTS if workers_are_restarted() else 1
 
 
 def bind_to_server() -> None:

@@ -139,6 +139,30 @@ def test_selection_exports_the_finetune_where_it_scores_higher(digits_dir, tmp_p
     assert result.refit_steps > 0 and torch.allclose(_head(exported)[0], refit["head.1.weight"] / temperature)
 
 
+@pytest.mark.slow
+def test_selection_exports_the_finetune_where_it_wins_on_real_digits(tmp_path):
+    """Far from ImageNet (8x8 handwritten digits, 30 per class), nothing forced: the fine-tune scores higher than
+    the frozen-feature probe on the same 45 validation images, and its refit is what is exported. At the demo's
+    128 px (training at 96), 80 steps: measured probe 0.867 vs fine-tune 0.956 (seed 1, the seed used here) and
+    0.956 vs 0.978 (seed 0); at 64 px the probe still tied or won (0.978 vs 0.956)."""
+    from training.demo_data import write_digits_folder
+
+    data = tmp_path / "digits"
+    write_digits_folder(data, classes=10, per_class=30)
+    config = tiny_config(data, tmp_path / "run", candidate="auto", weights="imagenet", image_size=128,
+                         train_image_size=96, steps=80, eval_every=80, batch_size=32, test_fraction=0, export=False,
+                         seed=1)
+    result = train(config, show_progress=False)
+    estimates = {e.candidate: e.accuracy for e in result.selection.estimates}
+    assert result.selection.chosen == "finetune" and estimates["finetune"] > estimates["probe"], estimates
+    assert all(e.images == 45 for e in result.selection.estimates)
+    exported = torch.load(result.run_dir / "model.pt", weights_only=True)
+    refit = torch.load(result.run_dir / "refit.pt", weights_only=True)
+    temperature = json.loads((result.run_dir / "calibration.json").read_text())["temperature"]
+    assert result.refit_steps > 0 and torch.allclose(_head(exported)[0], refit["head.1.weight"] / temperature)
+    assert not (result.run_dir / "probe_refit.pt").exists(), "the loser's refit is not paid"
+
+
 def _splits(per_class: int, classes: int = 10):
     records = [ImageRecord(path=Path(f"/x/{c}/{i}.png"), label=str(c)) for c in range(classes) for i in range(per_class)]
     return split_records(records, test_fraction=None)

@@ -16,7 +16,7 @@ import torch
 from torchvision.transforms import v2 as T
 
 from models.network import TransferNet
-from models.preprocessing import Preprocessing
+from models.preprocessing import Preprocessing, interpolation_mode
 from training.config import TrainConfig
 from training.data import ImageRecord, decode_to_cache
 
@@ -73,8 +73,7 @@ class Augment:
     horizontal flip and TrivialAugmentWide (torchvision.transforms.v2), then the serving normalisation."""
 
     def __init__(self, config: TrainConfig, preprocessing: Preprocessing, side: int) -> None:
-        interpolation = (T.InterpolationMode.BICUBIC if preprocessing.interpolation == "bicubic"
-                         else T.InterpolationMode.BILINEAR)
+        interpolation = interpolation_mode(preprocessing)
         steps: list[T.Transform] = [T.RandomResizedCrop(side, scale=(config.crop_min_scale, 1.0),
                                                         interpolation=interpolation, antialias=True)]
         if config.horizontal_flip:
