@@ -97,10 +97,12 @@ class ResizeCenterCrop:
     """Transform step: torchvision's `Resize(round(size / crop_pct))` then `CenterCrop(size)` on a PIL image,
     computed as one resampling of the crop's source box, so the pixels the crop throws away are never resampled.
 
-    The same output size, crop anchor and filter as the two steps (tests/test_preprocessing.py holds it within 2
-    grey levels of them over many shapes: float rounding), at about 60% of their CPU (docs/BENCHMARKS.md). Each
-    axis is resampled as a horizontal pass of Pillow's `resize(box=...)`, the second on the transposed image:
-    Pillow's vertical pass shifts a box that starts between two rows by a fraction of a row."""
+    The same output size, crop anchor, filter and sample positions as the two steps, at about 60% of their CPU
+    (benchmarks/preprocessing_speed.py). Pixels agree within 2 grey levels on photo-like content
+    (tests/test_preprocessing.py): each axis is one separable pass, horizontal first, as Pillow runs most resizes;
+    Pillow sometimes runs the vertical pass first, and on white noise the two orders differ by up to ~20 levels.
+    The rows are resampled as a horizontal pass of the transposed image: Pillow's vertical pass places a box that
+    starts between two rows a fraction of a row off."""
 
     def __init__(self, size: int, crop_pct: float, interpolation: Image.Resampling) -> None:
         self.size, self.resize_size, self.interpolation = size, int(round(size / crop_pct)), interpolation

@@ -66,6 +66,12 @@ def test_extraction_benchmark_quick():
     assert "| local | 0 | 4 | 8 |" in result.stdout
 
 
+def test_preprocessing_benchmark_quick():
+    rows = load("preprocessing_speed").main(["--quick"])
+    assert len(rows) == 6 and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+    assert all(row[5] <= 2 for row in rows), "the product's resize must give torchvision's pixels"
+
+
 def test_12mp_photos_and_decode_copies(tmp_path: Path):
     """The 12 MP generator makes camera-sized JPEGs, and an artifact copied with another `decode` loads with it
     (a new digest: the manifest changed; the files it lists still verify)."""

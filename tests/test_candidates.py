@@ -15,7 +15,8 @@ import torch
 
 from conftest import tiny_config
 from models.artifact import load_artifact
-from training.candidates.probe import fit_probe
+from models.decoding import load_image
+from training.candidates.probe import C_GRID, fit_probe
 from training.candidates.selection import CandidateEstimate, choose
 from training.config import TrainConfig
 from training.data import ImageRecord, split_records
@@ -27,18 +28,24 @@ HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hym
 
 @pytest.mark.parametrize("classes", [2, 3])
 def test_probe_head_computes_the_cross_validated_logistic_regression(classes):
+    """The probe's head (normalise each embedding to unit length, then its linear layer) computes scikit-learn's
+    logistic regression on the L2-normalised embeddings."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import Normalizer
+
+    from models.network import L2Normalize
 
     rng = np.random.default_rng(0)
     targets = np.repeat(np.arange(classes), 30)
     embeddings = rng.normal(size=(len(targets), 16)) * rng.uniform(0.1, 10, 16) + targets[:, None] * 0.8
-    weight, bias, fit = fit_probe(embeddings, targets, classes, seed=0)
-    assert fit.folds == 5 and 0 < fit.cv_accuracy <= 1 and fit.images == len(targets)
-    reference = make_pipeline(StandardScaler(), LogisticRegression(C=fit.C, max_iter=5000, tol=1e-8)).fit(embeddings, targets)
-    logits = torch.from_numpy(embeddings).float() @ weight.T + bias  # raw embeddings: the scaling is folded in
-    assert np.allclose(logits.softmax(1).numpy(), reference.predict_proba(embeddings), atol=0.01)  # fit tolerance 1e-3
+    embeddings *= rng.uniform(0.2, 5, (len(targets), 1))  # rows of different lengths: only their direction counts
+    _, _, fit = fit_probe(embeddings, targets, classes, seed=0)
+    assert fit.folds == 5 and 0 < fit.cv_accuracy <= 1 and fit.images == len(targets) and fit.C in C_GRID
+    weight, bias, _ = fit_probe(embeddings, targets, classes, seed=0, C=1.0)
+    reference = make_pipeline(Normalizer(), LogisticRegression(C=1.0, max_iter=5000, tol=1e-8)).fit(embeddings, targets)
+    logits = L2Normalize()(torch.from_numpy(embeddings).float()) @ weight.T + bias  # the head, on raw embeddings
+    assert np.allclose(logits.softmax(1).numpy(), reference.predict_proba(embeddings), atol=0.02)  # the product fits to tol 1e-3
     assert (logits.argmax(1).numpy() == reference.predict(embeddings)).mean() > 0.95
 
 
@@ -76,6 +83,17 @@ def test_probe_candidate_exports_and_passes_parity(digits_dir, tmp_path):
     assert manifest.parity.top1_agreement == 1.0 and manifest.labels == ["0", "1", "2", "3"]
     assert manifest.metrics["test_accuracy"] == pytest.approx(result.test.accuracy)
     assert "probe" in result.test.note
+    # The exported graph (ONNX and TorchScript) normalises the embedding before the probe's layer.
+    from models.inference import InferenceOptions
+    from models.predictor import Predictor
+
+    images = [load_image(path) for path in sorted(digits_dir.glob("*/*.png"))[:6]]
+    for runtime in ("onnx", "torchscript"):
+        served = Predictor.from_artifact(result.artifact, InferenceOptions(runtime=runtime, device="cpu")).predict(images)
+        unit = served.embeddings / np.linalg.norm(served.embeddings, axis=1, keepdims=True)
+        logits = unit @ weight.numpy().T + bias.numpy()
+        expected = np.exp(logits - logits.max(1, keepdims=True))
+        np.testing.assert_allclose(served.probabilities, expected / expected.sum(1, keepdims=True), atol=1e-4)
 
 
 def _hymenoptera_manifest(path: Path, per_class: int, val_per_class: int) -> Path:

@@ -207,7 +207,9 @@ def export_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     checkpoint = run.load_checkpoint()
     config = checkpoint.config
     preprocessing = config.preprocessing()
-    model = build_network(config.backbone, len(checkpoint.labels), weights="none", dropout=config.dropout)
+    selection = checkpoint.state.selection
+    model = build_network(config.backbone, len(checkpoint.labels), weights="none", dropout=config.dropout,
+                          head_input=selection.head_input if selection is not None else "embedding")
     model.load_state_dict(run.load_final_weights())
     splits = run.load_splits()
     parity_records = (splits.test or splits.val or splits.train)[:PARITY_IMAGES]

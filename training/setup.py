@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.network import TransferNet, build_network
+from models.network import HeadInput, TransferNet, build_network
 from models.preprocessing import Preprocessing
 from training import speed
 from training.cache import CACHE_MARGIN, Augment, CachedImages
@@ -48,10 +48,11 @@ class TrainingSetup:
     well inside it; this guard holds the budget when a shared CPU turns slower than the probe measured."""
 
 
-def new_model(config: TrainConfig, labels: list[str], device: torch.device, weights: str) -> TransferNet:
+def new_model(config: TrainConfig, labels: list[str], device: torch.device, weights: str,
+              head_input: HeadInput = "embedding") -> TransferNet:
     """The network, seeded by `config.seed`, on `device` in channels-last layout."""
     torch.manual_seed(config.seed)
-    model = build_network(config.backbone, len(labels), weights=weights, dropout=config.dropout)
+    model = build_network(config.backbone, len(labels), weights=weights, dropout=config.dropout, head_input=head_input)
     return model.to(device).to(memory_format=torch.channels_last)
 
 

@@ -37,7 +37,7 @@ from training.finish import ChosenWeights, calibrate_and_test
 from training.loop import save_checkpoint
 from training.plan import EXPORT_OVERHEAD_SECONDS
 from training.run_dir import EpochRecord, RunDir, RunPlan, RunState
-from training.setup import TrainingSetup, build_setup
+from training.setup import TrainingSetup, build_setup, new_model
 
 
 class TrainResult(BaseModel):
@@ -175,6 +175,8 @@ def _train(config: TrainConfig, show_progress: bool) -> TrainResult:
     state = finetune.resume_finetune(config, run, setup) if config.resume else RunState()
     state = train_candidates(config, run, setup, state, show_progress)
     run.save_history(state.history)
+    if state.selection is not None and state.selection.head_input != "embedding":  # the probe's head normalises
+        setup.model = new_model(config, setup.labels, device, "none", head_input=state.selection.head_input)
     test = calibrate_and_test(config, run, setup, chosen_weights(run, setup, state))
     artifact = export_if_requested(config, run)
     return TrainResult(run_dir=run.root, state=state, test=test, skipped=skipped, artifact=artifact, plan=setup.plan)

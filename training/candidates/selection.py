@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from models.network import HeadInput
+
 CandidateName = Literal["probe", "finetune"]
 CANDIDATE_ORDER: tuple[CandidateName, ...] = ("probe", "finetune")
 """Cheapest first: a tie goes to the earlier."""
@@ -30,6 +32,10 @@ class CandidateEstimate(BaseModel):
     how: str
     cv_accuracy: float | None = None
     """The probe's k-fold cross-validated accuracy on the train split (what chose its C)."""
+    head_input: HeadInput = "embedding"
+    """What the candidate's classification layer sees (`models.network.HeadInput`): the probe's, since 2026-12-06,
+    the L2-normalised embedding; runs saved before that lack the field, and their probe's head (standardisation
+    folded into its weights) reads the embedding as it is."""
 
 
 class Selection(BaseModel):
@@ -37,6 +43,11 @@ class Selection(BaseModel):
 
     chosen: CandidateName
     estimates: list[CandidateEstimate]
+
+    @property
+    def head_input(self) -> HeadInput:
+        """What the exported network's classification layer sees: the chosen candidate's."""
+        return next(e.head_input for e in self.estimates if e.candidate == self.chosen)
 
     def describe(self) -> str:
         parts = [f"{e.candidate} {e.accuracy:.4f}" if e.accuracy is not None else f"{e.candidate} (no estimate)"
