@@ -49,13 +49,19 @@ def test_probe_head_computes_the_cross_validated_logistic_regression(classes):
     assert (logits.argmax(1).numpy() == reference.predict(embeddings)).mean() > 0.95
 
 
-def test_a_tie_goes_to_the_probe_and_a_higher_estimate_wins():
-    def estimate(candidate, accuracy):
-        return CandidateEstimate(candidate=candidate, accuracy=accuracy, images=10, how="")
+def test_the_fine_tune_needs_a_lead_of_two_validation_images_over_the_probe():
+    def estimate(candidate, accuracy, images=10):
+        return CandidateEstimate(candidate=candidate, accuracy=accuracy, images=images, how="")
 
-    assert choose([estimate("probe", 0.8), estimate("finetune", 0.8)]).chosen == "probe"
-    assert choose([estimate("probe", 0.8), estimate("finetune", 0.9)]).chosen == "finetune"
+    assert choose([estimate("probe", 0.8), estimate("finetune", 0.8)]).chosen == "probe", "a tie"
+    assert choose([estimate("probe", 0.8), estimate("finetune", 0.9)]).chosen == "probe", "one image is no evidence"
+    assert choose([estimate("probe", 0.8), estimate("finetune", 1.0)]).chosen == "finetune"
+    assert choose([estimate("finetune", 1.0), estimate("probe", 0.8)]).chosen == "finetune", "order of the list"
     assert choose([estimate("probe", 0.9), estimate("finetune", 0.8)]).chosen == "probe"
+    assert choose([estimate("probe", 13 / 15, 15), estimate("finetune", 15 / 15, 15)]).chosen == "finetune"
+    assert choose([estimate("probe", 14 / 15, 15), estimate("finetune", 15 / 15, 15)]).chosen == "probe"
+    assert choose([estimate("probe", 0.92, 270), estimate("finetune", 0.99, 270)]).chosen == "finetune"
+    assert choose([estimate("probe", None, 0), estimate("finetune", 0.5)]).chosen == "finetune"
     assert choose([estimate("finetune", None)]).chosen == "finetune"
 
 
