@@ -124,6 +124,14 @@ def set_head(model: TransferNet, weight: torch.Tensor, bias: torch.Tensor) -> Tr
     return model
 
 
+@torch.no_grad()
+def _head_accuracy(model: TransferNet, embeddings: np.ndarray, targets: np.ndarray) -> float:
+    """Accuracy of the network's own head (the one exported: normalisation, then the probe's layer) on embeddings."""
+    head = model.head.eval()
+    logits = head(torch.from_numpy(embeddings).float().to(head[-1].weight.device))
+    return float((logits.argmax(1).cpu().numpy() == targets).mean())
+
+
 @dataclass
 class ProbeRun:
     """The probe fitted on the train split, and the embeddings its refit on train+val reuses."""
@@ -145,8 +153,7 @@ def train_probe(config: TrainConfig, run: RunDir, setup: TrainingSetup, show_pro
     val = embed(model, setup.val_set, setup.preprocessing, setup.device)
     weight, bias, fit = fit_probe(*train, len(setup.labels), config.seed)
     run.save_probe_weights(set_head(model, weight, bias).state_dict())
-    accuracy = float(((l2_normalized(val[0]) @ weight.double().numpy().T + bias.double().numpy()).argmax(1)
-                      == val[1]).mean()) if len(val[1]) else None
+    accuracy = _head_accuracy(model, *val) if len(val[1]) else None
     how = (f"logistic regression on the L2-normalised frozen embeddings of {fit.images} training images, C={fit.C:.3g} by "
            + (f"{fit.folds}-fold cross-validation" if fit.folds else "default (too few images per class to "
               "cross-validate)") + ", scored on the validation split")
