@@ -45,7 +45,7 @@ def test_probe_head_computes_the_cross_validated_logistic_regression(classes):
     weight, bias, _ = fit_probe(embeddings, targets, classes, seed=0, C=1.0)
     reference = make_pipeline(Normalizer(), LogisticRegression(C=1.0, max_iter=5000, tol=1e-8)).fit(embeddings, targets)
     logits = L2Normalize()(torch.from_numpy(embeddings).float()) @ weight.T + bias  # the head, on raw embeddings
-    assert np.allclose(logits.softmax(1).numpy(), reference.predict_proba(embeddings), atol=0.02)  # the product fits to tol 1e-3
+    assert np.allclose(logits.softmax(1).numpy(), reference.predict_proba(embeddings), atol=0.01)  # the product fits to tol 1e-4
     assert (logits.argmax(1).numpy() == reference.predict(embeddings)).mean() > 0.95
 
 
