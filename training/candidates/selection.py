@@ -13,7 +13,7 @@ the validation split holds 15 images or so.
 The estimates are paired: the probe is fitted on the train split alone and scored on the validation split, the
 fine-tune's selection run trains on the train split and is scored on the same images. With at least
 `--min-val-images` validation images the fine-tune's estimate is its best validation (of ~10: slightly
-optimistic, which the tie rule partly offsets); below that, the fine-tune validates once, at the end of its
+optimistic, which the lead rule partly offsets); below that, the fine-tune validates once, at the end of its
 run, so nothing is chosen on those few images but the candidate itself.
 """
 
@@ -27,7 +27,7 @@ from models.network import HeadInput
 
 CandidateName = Literal["probe", "finetune"]
 CANDIDATE_ORDER: tuple[CandidateName, ...] = ("probe", "finetune")
-"""Cheapest first: a tie goes to the earlier."""
+"""Cheapest first: a later candidate must lead the one kept by `MIN_LEAD_IMAGES` to replace it."""
 
 
 class CandidateEstimate(BaseModel):
