@@ -20,7 +20,7 @@ from training.candidates.probe import C_GRID, fit_probe
 from training.candidates.selection import CandidateEstimate, choose
 from training.config import TrainConfig
 from training.data import ImageRecord, split_records
-from training.plan import plan_run
+from training.plan import EXPORT_OVERHEAD_SECONDS, plan_run
 from training.trainer import train
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
@@ -215,6 +215,10 @@ def test_a_binding_time_budget_drops_the_refit_before_it_cuts_steps():
     plan = plan_run(config, splits, probe=probe)
     assert not plan.refit and plan.steps == plan.budget_steps == 300, plan.describe()
     assert "no refit" in plan.reason and plan.estimated_seconds <= 300
+    # training stops this long before the budget ends: calibration and the OOD fit (a validation pass each),
+    # the test pass and the export (the P6 run that overran by 12 s kept only the export's 30 s)
+    assert plan.reserve_seconds == pytest.approx((2 * 270 + len(splits.test)) * 0.001 + EXPORT_OVERHEAD_SECONDS)
+    assert plan_run(config.model_copy(update={"export": False}), splits, probe=probe).reserve_seconds < 1
     slow = plan_run(config, splits, probe=lambda side: (2.0, 0.001))
     assert not slow.refit and 10 < slow.steps < 300 and slow.estimated_seconds <= 300
     few = plan_run(config, _splits(10), probe=lambda side: (2.0, 0.001))  # 15 validate once, at the end

@@ -64,12 +64,14 @@ def plan_run(config: TrainConfig, splits: Splits, seconds_so_far: float = 0.0, p
     probe_seconds = (n_train + n_val) * eval_seconds + PROBE_FIT_SECONDS if "probe" in candidates else 0.0
     finetune_share = 1.0 if "finetune" in candidates else 0.0
 
+    # after training: calibration and the OOD fit (one validation pass each), the test pass, the export
+    reserve = 2 * n_val * eval_seconds + n_test * eval_seconds + (EXPORT_OVERHEAD_SECONDS if config.export else 0.0)
+
     def estimate(steps: int, at: int) -> float:
         per_step = step_seconds * (at / side) ** 2
         evals = math.ceil(steps / interval(steps)) if select else -2
         return (seconds_so_far + finetune_share * steps * per_step * (1 + refit_factor) + probe_seconds
-                + (evals + 2) * n_val * eval_seconds + n_test * eval_seconds
-                + (EXPORT_OVERHEAD_SECONDS if config.export else 0.0))
+                + evals * n_val * eval_seconds + reserve)
 
     reasons = []
     chosen_side, steps = side, wanted
@@ -97,4 +99,4 @@ def plan_run(config: TrainConfig, splits: Splits, seconds_so_far: float = 0.0, p
     elif fixed and estimate(wanted, side) > budget:
         reasons.append("over the time budget: --steps/--epochs fix the schedule")
     return plan(steps, chosen_side, seconds_per_step=step_seconds * (chosen_side / side) ** 2,
-                estimated_seconds=estimate(steps, chosen_side), reason="; ".join(reasons))
+                estimated_seconds=estimate(steps, chosen_side), reserve_seconds=reserve, reason="; ".join(reasons))

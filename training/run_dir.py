@@ -74,6 +74,9 @@ class RunPlan(BaseModel):
     seconds_per_step: float | None = None
     """Measured by the speed probe at `train_image_size` (None: no probe)."""
     estimated_seconds: float | None = None
+    reserve_seconds: float | None = None
+    """What the time budget keeps for after training (calibration, OOD fit, test, export), estimated from the speed
+    probe: training stops this long before the budget ends (None: no probe; the export's fixed reserve)."""
     reason: str = ""
     threads: int | None = None
     """CPU intra-op threads the run trains with (chosen by the speed probe unless --threads sets them)."""

@@ -170,7 +170,9 @@ def _train(config: TrainConfig, show_progress: bool) -> TrainResult:
         warn_before_training(splits, skipped)
     setup = build_setup(config, splits, device, run, show_progress, started)
     if config.time_budget is not None:
-        reserve = EXPORT_OVERHEAD_SECONDS if config.export else 0.0
+        reserve = setup.plan.reserve_seconds
+        if reserve is None:
+            reserve = EXPORT_OVERHEAD_SECONDS if config.export else 0.0
         setup.deadline = (started if not config.resume else time.perf_counter()) + config.time_budget - reserve
     state = finetune.resume_finetune(config, run, setup) if config.resume else RunState()
     state = train_candidates(config, run, setup, state, show_progress)
