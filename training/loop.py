@@ -73,7 +73,7 @@ def run_phase(config: TrainConfig, run: RunDir, setup: TrainingSetup, state: Run
             set_trainable(groups, count)
             enter_train_mode(setup.model, groups, config.freeze_bn)
             loss_sum, correct, seen = 0.0, 0, 0
-            stop = min(total_steps, (epoch + 1) * interval)
+            first_step, stop = state.step, min(total_steps, (epoch + 1) * interval)
             out_of_time = False
             for step in range(state.step, stop):
                 if setup.deadline is not None and step > state.step and time.perf_counter() > setup.deadline:
@@ -87,7 +87,11 @@ def run_phase(config: TrainConfig, run: RunDir, setup: TrainingSetup, state: Run
             train_seconds = time.perf_counter() - started
             state.step, state.next_epoch = stop, epoch + 1
             if validate:
+                val_started = time.perf_counter()
                 val_logits, val_targets = predict_cached(setup.model, setup.val_set, setup.preprocessing, setup.device)
+                if stop > first_step:
+                    setup.retime((time.perf_counter() - val_started) / max(1, len(setup.val_set)),
+                                 train_seconds / (stop - first_step), config.export)
                 val = evaluate_predictions(probabilities(val_logits), val_targets.numpy(), setup.labels)
                 val_loss = float(nn.functional.cross_entropy(val_logits, val_targets))
                 record = EpochRecord(

@@ -16,6 +16,18 @@ EXPORT_OVERHEAD_SECONDS = 30.0
 PROBE_FIT_SECONDS = 10.0
 """What a plan reserves for the probe's cross-validated logistic-regression fits (beyond embedding the images)."""
 
+
+def after_training_seconds(val_images: int, test_images: int, eval_seconds: float, export: bool) -> float:
+    """What follows training: calibration and the OOD fit (a validation pass each), the test pass, the export."""
+    return (2 * val_images + test_images) * eval_seconds + (EXPORT_OVERHEAD_SECONDS if export else 0.0)
+
+
+def reserve_seconds(val_images: int, test_images: int, eval_seconds: float, step_seconds: float, export: bool) -> float:
+    """How long before the time budget ends training must stop: what follows it, and the step begun just before
+    the deadline with the validation pass that closes its phase (the deadline gates the start of a step)."""
+    return after_training_seconds(val_images, test_images, eval_seconds, export) + step_seconds + val_images * eval_seconds
+
+
 SpeedProbe = Callable[[int], tuple[float, float]]
 """side -> (seconds per training step at side, seconds per validation image)."""
 
@@ -64,14 +76,11 @@ def plan_run(config: TrainConfig, splits: Splits, seconds_so_far: float = 0.0, p
     probe_seconds = (n_train + n_val) * eval_seconds + PROBE_FIT_SECONDS if "probe" in candidates else 0.0
     finetune_share = 1.0 if "finetune" in candidates else 0.0
 
-    # after training: calibration and the OOD fit (one validation pass each), the test pass, the export
-    reserve = 2 * n_val * eval_seconds + n_test * eval_seconds + (EXPORT_OVERHEAD_SECONDS if config.export else 0.0)
-
     def estimate(steps: int, at: int) -> float:
         per_step = step_seconds * (at / side) ** 2
         evals = math.ceil(steps / interval(steps)) if select else -2
         return (seconds_so_far + finetune_share * steps * per_step * (1 + refit_factor) + probe_seconds
-                + evals * n_val * eval_seconds + reserve)
+                + evals * n_val * eval_seconds + after_training_seconds(n_val, n_test, eval_seconds, config.export))
 
     reasons = []
     chosen_side, steps = side, wanted
@@ -98,5 +107,7 @@ def plan_run(config: TrainConfig, splits: Splits, seconds_so_far: float = 0.0, p
                            + (f", at {chosen_side} px" if chosen_side != side else ""))
     elif fixed and estimate(wanted, side) > budget:
         reasons.append("over the time budget: --steps/--epochs fix the schedule")
-    return plan(steps, chosen_side, seconds_per_step=step_seconds * (chosen_side / side) ** 2,
-                estimated_seconds=estimate(steps, chosen_side), reserve_seconds=reserve, reason="; ".join(reasons))
+    per_step = step_seconds * (chosen_side / side) ** 2
+    return plan(steps, chosen_side, seconds_per_step=per_step, eval_seconds_per_image=eval_seconds,
+                estimated_seconds=estimate(steps, chosen_side), reason="; ".join(reasons),
+                reserve_seconds=reserve_seconds(n_val, n_test, eval_seconds, per_step, config.export))

@@ -73,10 +73,12 @@ class RunPlan(BaseModel):
     time_budget_seconds: float | None = None
     seconds_per_step: float | None = None
     """Measured by the speed probe at `train_image_size` (None: no probe)."""
+    eval_seconds_per_image: float | None = None
+    """Measured by the speed probe at the serving size (None: no probe)."""
     estimated_seconds: float | None = None
     reserve_seconds: float | None = None
-    """What the time budget keeps for after training (calibration, OOD fit, test, export), estimated from the speed
-    probe: training stops this long before the budget ends (None: no probe; the export's fixed reserve)."""
+    """Training stops this long before the time budget ends (`training.plan.reserve_seconds`), estimated from the
+    speed probe; each validation pass re-estimates it from what it measured (None: no probe)."""
     reason: str = ""
     threads: int | None = None
     """CPU intra-op threads the run trains with (chosen by the speed probe unless --threads sets them)."""

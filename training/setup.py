@@ -18,7 +18,7 @@ from training.cache import CACHE_MARGIN, Augment, CachedImages
 from training.config import TrainConfig
 from training.data import Splits
 from training.optim import build_optimizer, loss_function
-from training.plan import plan_run
+from training.plan import plan_run, reserve_seconds
 from training.run_dir import RunDir, RunPlan
 
 
@@ -43,9 +43,19 @@ class TrainingSetup:
     augment: Augment
     fit_set: CachedImages | None = None
     """train + val at the training cache side: what the refit trains on."""
+    budget_end: float | None = None
+    """`time.perf_counter()` at which the time budget ends (None: no budget)."""
     deadline: float | None = None
-    """`time.perf_counter()` by which training must stop to keep the time budget (None: no budget). The plan aims
-    well inside it; this guard holds the budget when a shared CPU turns slower than the probe measured."""
+    """`time.perf_counter()` by which training must stop to keep the time budget (None: no budget): `budget_end`
+    less the plan's reserve, then less one re-estimated from each validation pass (`retime`). The plan aims well
+    inside it; this guard holds the budget when the CPU turns slower than the speed probe measured."""
+
+    def retime(self, eval_seconds: float, step_seconds: float, export: bool) -> None:
+        """Move the deadline by this run's own measurements (seconds per validation image, per training step): a
+        busier CPU or a bigger backbone than the probe saw needs more time after training, not less."""
+        if self.budget_end is not None:
+            self.deadline = self.budget_end - reserve_seconds(len(self.val_set), len(self.test_set), eval_seconds,
+                                                              step_seconds, export)
 
 
 def new_model(config: TrainConfig, labels: list[str], device: torch.device, weights: str,

@@ -171,9 +171,10 @@ def _train(config: TrainConfig, show_progress: bool) -> TrainResult:
     setup = build_setup(config, splits, device, run, show_progress, started)
     if config.time_budget is not None:
         reserve = setup.plan.reserve_seconds
-        if reserve is None:
+        if reserve is None:  # a plan saved before the reserve was estimated
             reserve = EXPORT_OVERHEAD_SECONDS if config.export else 0.0
-        setup.deadline = (started if not config.resume else time.perf_counter()) + config.time_budget - reserve
+        setup.budget_end = (started if not config.resume else time.perf_counter()) + config.time_budget
+        setup.deadline = setup.budget_end - reserve
     state = finetune.resume_finetune(config, run, setup) if config.resume else RunState()
     state = train_candidates(config, run, setup, state, show_progress)
     run.save_history(state.history)
