@@ -20,7 +20,7 @@ from training.candidates.probe import C_GRID, fit_probe
 from training.candidates.selection import CandidateEstimate, choose
 from training.config import TrainConfig
 from training.data import ImageRecord, split_records
-from training.plan import EXPORT_OVERHEAD_SECONDS, plan_run
+from training.plan import AFTER_TRAINING_MARGIN, EXPORT_OVERHEAD_SECONDS, plan_run
 from training.trainer import train
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
@@ -218,7 +218,7 @@ def test_a_binding_time_budget_drops_the_refit_before_it_cuts_steps():
     # training stops this long before the budget ends: calibration and the OOD fit (a validation pass each), the
     # test pass and the export, then the step and the validation pass that may still run once the deadline has
     # passed (a P6 run that kept only the export's 30 s overran by 12 s)
-    after = (2 * 270 + len(splits.test)) * 0.001 + EXPORT_OVERHEAD_SECONDS
+    after = AFTER_TRAINING_MARGIN * ((2 * 270 + len(splits.test)) * 0.001 + EXPORT_OVERHEAD_SECONDS)
     assert plan.reserve_seconds == pytest.approx(after + 0.5 + 270 * 0.001)
     assert plan_run(config.model_copy(update={"export": False}), splits, probe=probe).reserve_seconds < 2
     slow = plan_run(config, splits, probe=lambda side: (2.0, 0.001))
@@ -258,7 +258,8 @@ def test_each_validation_pass_moves_the_deadline_by_what_it_measured():
                             val_set=[None] * 164, test_set=[None] * 165)
     planned = setup.deadline
     TrainingSetup.retime(setup, eval_seconds=0.07, step_seconds=1.4, export=True)
-    assert setup.deadline == pytest.approx(1000.0 - ((2 * 164 + 165) * 0.07 + EXPORT_OVERHEAD_SECONDS + 1.4 + 164 * 0.07))
+    after = AFTER_TRAINING_MARGIN * ((2 * 164 + 165) * 0.07 + EXPORT_OVERHEAD_SECONDS)
+    assert setup.deadline == pytest.approx(1000.0 - (after + 1.4 + 164 * 0.07))
     assert setup.deadline < planned - 15
     TrainingSetup.retime(setup, eval_seconds=0.02, step_seconds=1.0, export=False)
     assert setup.deadline > planned, "a faster CPU than probed gives the time back to training"
